@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (the main job on the embedded digits) and `make test`.
+# Each creates the virtual environment .venv and installs the package into it when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-all bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) experiments/hmdm.py --data digits --preset cpu-small --workdir runs/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/hmm_bench.py
+	$(PY) benchmarks/train_bench.py
