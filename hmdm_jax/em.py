@@ -1,0 +1,284 @@
+"""What the mixture and HMDM train steps share: the EM options, class scoring, the ε-loss step, M-steps.
+
+Both models alternate (Algorithms 1 and 3 of the paper draft)
+
+1. an E-step: score every class k of every frame by a Monte-Carlo emission log b̃_k (``emission``),
+   then sample the class (mixture) or the state path (HMDM, forward filtering backward sampling);
+2. a gradient step on the DDPM ε-loss with the sampled classes;
+3. an M-step on π (and A) from the sampled classes, with Dirichlet pseudo-counts so that no class or
+   transition ever reaches probability 0 (hmmlearn's "rows of transmat_ must sum to 1" failure).
+
+Defaults are the ones that learn unsupervised (measured, see RESULTS.md): the unweighted mid-range ε-MSE
+score with two t-draws and temperature 0.15, π fixed uniform, A re-estimated. ``EMConfig.paper()`` gives
+the seed's algorithm taken literally (one random t, the sampled density, scale 1, π re-estimated), which
+does not learn from a random start but is kept for the ablations.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hmdm_jax import diffusion, emission
+from hmdm_jax.state import TrainState
+
+Array = jax.Array
+EpsFn = Callable[[Any, Array, Array, Array], Array]
+
+PRIOR_UPDATES = ("running", "epoch")
+COUNTS_FROM = ("sampled", "smoothed")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMConfig:
+    """Options of the E-step, the ε-loss and the M-step (static: changing one recompiles).
+
+    Attributes:
+      num_classes: K.
+      estimator: the emission estimator (see ``emission.log_emission``); "eps_mse" by default.
+      num_t: t-draws per frame for the estimator.
+      t_range: the scoring band as fractions (lo, hi) of T for "eps_mse"; None: the estimator's default.
+      temperature: class scores are divided by it (0.15 by default; 1 is the untempered paper score).
+      initial_temperature: when set, the temperature anneals geometrically from this value to
+        ``temperature`` over ``anneal_steps`` steps (a soft start from random initialisation).
+      anneal_steps: length of that annealing.
+      per_dim: divide class scores by the data dimension before tempering.
+      variance: σ_t² of the reverse step, "beta" or "beta_tilde" (for the density estimators).
+      score_with_ema: score classes with the EMA parameters instead of the current ones.
+      learn_pi: re-estimate π from sampled counts (False: π stays as initialised, uniform by default).
+      learn_A: re-estimate A (HMDM).
+      prior_update: "running": counts decay by ``1 − count_decay`` each step and π, A are re-estimated
+        every step; "epoch": counts accumulate and π, A change only in ``end_epoch``.
+      count_decay: ρ of the running update; the counts average ≈ 1/ρ recent batches.
+      pseudo_count: Dirichlet pseudo-count added to every class and every transition.
+      sticky_count: extra pseudo-count on the diagonal of A (a sticky prior).
+      counts_from: HMDM M-step statistics from the "sampled" paths or "smoothed" expected counts.
+      label_dropout: probability of training a frame with the null class K (classifier-free guidance).
+      emission_chunk_size: score at most this many frames at once (bounds memory; None: all at once).
+    """
+
+    num_classes: int
+    estimator: str = "eps_mse"
+    num_t: int = 2
+    t_range: tuple[float, float] | None = (0.3, 0.6)
+    temperature: float = 0.15
+    initial_temperature: float | None = None
+    anneal_steps: int = 0
+    per_dim: bool = False
+    variance: str = "beta"
+    score_with_ema: bool = False
+    learn_pi: bool = False
+    learn_A: bool = True
+    prior_update: str = "running"
+    count_decay: float = 0.05
+    pseudo_count: float = 1.0
+    sticky_count: float = 0.0
+    counts_from: str = "sampled"
+    label_dropout: float = 0.0
+    emission_chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.temperature <= 0 or (self.initial_temperature is not None and self.initial_temperature <= 0):
+            raise ValueError("temperatures must be > 0")
+        if self.prior_update not in PRIOR_UPDATES:
+            raise ValueError(f"prior_update must be one of {PRIOR_UPDATES}, got {self.prior_update!r}")
+        if self.counts_from not in COUNTS_FROM:
+            raise ValueError(f"counts_from must be one of {COUNTS_FROM}, got {self.counts_from!r}")
+        if not 0.0 < self.count_decay <= 1.0:
+            raise ValueError(f"count_decay must be in (0, 1], got {self.count_decay}")
+        if self.pseudo_count <= 0:
+            raise ValueError("pseudo_count must be > 0 so that no class reaches probability 0")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.t_range is not None and not 0.0 <= self.t_range[0] <= self.t_range[1] <= 1.0:
+            raise ValueError(f"t_range must be fractions 0 <= lo <= hi <= 1 of T, got {self.t_range}")
+
+    @classmethod
+    def paper(cls, num_classes: int, **overrides) -> "EMConfig":
+        """The seed's Algorithms 1 and 3 taken literally: one random t, the sampled Gaussian density,
+        scale 1, π (and A) re-estimated. Does not learn from random initialisation (see RESULTS.md)."""
+        literal = dict(estimator="random_t", num_t=1, t_range=None, temperature=1.0, learn_pi=True)
+        return cls(num_classes=num_classes, **{**literal, **overrides})
+
+
+def temperature_at(config: EMConfig, step: Array) -> Array:
+    """The (possibly annealed) temperature at ``step``: geometric from initial to final temperature."""
+    final = jnp.float32(config.temperature)
+    if config.initial_temperature is None or config.anneal_steps <= 0:
+        return final
+    frac = jnp.clip(step / config.anneal_steps, 0.0, 1.0)
+    return jnp.float32(config.initial_temperature) * (final / config.initial_temperature) ** frac
+
+
+FINAL_STEP = 2**30  # a step past any annealing: scoring at evaluation uses the final temperature
+
+
+def evaluation_config(config: EMConfig, estimator: str | None = None, num_t: int | None = None) -> EMConfig:
+    """``config`` with the emission estimator and number of t-draws overridden for evaluation."""
+    overrides = {name: value for name, value in (("estimator", estimator), ("num_t", num_t)) if value is not None}
+    return dataclasses.replace(config, **overrides)
+
+
+def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None:
+    """``config.t_range`` as inclusive integer steps within 1..T."""
+    if config.t_range is None or config.estimator != "eps_mse":
+        return None
+    lo = max(1, int(round(config.t_range[0] * num_steps)))
+    return lo, max(lo, int(round(config.t_range[1] * num_steps)))
+
+
+def score_classes(
+    config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, y: Array, keys: Array, step: Array
+) -> Array:
+    """Tempered class log-scores log b̃_k / temperature for frames ``y [B, *event]``, no gradient.
+
+    Args:
+      keys: ``[B]`` per-frame keys (see :func:`frame_keys`).
+      step: ``[]`` the optimizer step (for the temperature annealing).
+
+    Returns:
+      ``[B, K]`` float32 tempered emission log-likelihoods (class-independent constants may be dropped).
+    """
+    log_b = emission.log_emission(
+        eps_fn,
+        params,
+        schedule,
+        y,
+        keys,
+        config.num_classes,
+        estimator=config.estimator,
+        num_t=config.num_t,
+        t_range=resolved_t_range(config, schedule.num_steps),
+        per_dim=config.per_dim,
+        variance=config.variance,
+        chunk_size=config.emission_chunk_size,
+    )
+    return jax.lax.stop_gradient(log_b) / temperature_at(config, step)
+
+
+def frame_keys(key: Array, batch_size: int, axis_name: str | None = None) -> Array:
+    """``[B]`` per-frame keys ``fold_in(key, global frame index)``.
+
+    Under a mapped axis the index counts across devices, so every frame gets the same draws whatever the
+    number of devices: multi-device and single-device steps on one global batch agree exactly.
+    """
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch_size
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, offset + jnp.arange(batch_size))
+
+
+def denoising_loss(
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    y: Array,
+    classes: Array,
+    keys: Array,
+    weights: Array,
+    normalizer: Array,
+    label_dropout: float = 0.0,
+    null_class: int | None = None,
+) -> Array:
+    """The DDPM ε-loss Σ_i w_i ‖ε_i − ε_θ(√ᾱ_t y_i + √(1−ᾱ_t) ε_i, t_i, x_i)‖²/D / normalizer, t ~ U{1..T}.
+
+    Args:
+      y: ``[B, *event]`` frames.
+      classes: ``[B]`` int32 class of each frame (sampled or observed).
+      keys: ``[B]`` per-frame PRNG keys (t, ε and label dropout of frame i come from keys[i]).
+      weights: ``[B]`` float32 frame weights (0 for padding).
+      normalizer: ``[]`` the total weight of the (global) batch, so that per-device losses add up.
+      label_dropout: probability of replacing a class by ``null_class`` (classifier-free guidance).
+
+    Returns:
+      ``[]`` the weighted sum over frames of the per-frame mean squared error, divided by ``normalizer``.
+    """
+
+    def draw(key, frame):
+        key_t, key_eps, key_drop = jax.random.split(key, 3)
+        t = jax.random.randint(key_t, (), 1, schedule.num_steps + 1)
+        eps = jax.random.normal(key_eps, frame.shape, frame.dtype)
+        return t, eps, jax.random.bernoulli(key_drop, label_dropout)
+
+    t, eps, drop = jax.vmap(draw)(keys, y)
+    z_t = jax.vmap(diffusion.q_sample, (None, 0, 0, 0))(schedule, y, t, eps)
+    if label_dropout > 0.0:
+        classes = jnp.where(drop, null_class, classes)
+    pred = eps_fn(params, z_t, t, classes)
+    per_frame = jnp.mean(jnp.square(eps - pred).reshape(y.shape[0], -1), axis=1)
+    return jnp.sum(weights * per_frame) / jnp.maximum(normalizer, 1e-6)
+
+
+def gradient_update(
+    state: TrainState, grads: Any, optimizer: optax.GradientTransformation, ema_decay: float
+) -> TrainState:
+    """An optax step on ``grads`` and the EMA update; increments ``step``."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def dirichlet_log_probs(counts: Array, pseudo_count: float, sticky_count: float = 0.0) -> Array:
+    """log of the posterior-mean probabilities (counts + pseudo) / Σ, normalised over the last axis.
+
+    Args:
+      counts: ``[K]`` or ``[K, K]`` non-negative (expected) counts.
+      sticky_count: added to the diagonal of a ``[K, K]`` count matrix.
+    """
+    alpha = counts + pseudo_count
+    if counts.ndim == 2 and sticky_count:
+        alpha = alpha + sticky_count * jnp.eye(counts.shape[0], dtype=counts.dtype)
+    return jnp.log(alpha) - jnp.log(jnp.sum(alpha, axis=-1, keepdims=True))
+
+
+def accumulate_counts(config: EMConfig, state: TrainState, class_counts: Array, transition_counts: Array) -> TrainState:
+    """Adds a batch's counts to the running statistics, then (``running``) re-estimates π and A."""
+    decay = 1.0 - config.count_decay if config.prior_update == "running" else 1.0
+    state = state.replace(
+        class_counts=decay * state.class_counts + class_counts,
+        transition_counts=decay * state.transition_counts + transition_counts,
+    )
+    if config.prior_update == "running":
+        state = m_step(config, state)
+    return state
+
+
+def m_step(config: EMConfig, state: TrainState) -> TrainState:
+    """Sets π (if learned) and A (if learned) to their Dirichlet posterior means given the counts."""
+    if config.learn_pi:
+        state = state.replace(log_pi=dirichlet_log_probs(state.class_counts, config.pseudo_count))
+    if config.learn_A:
+        state = state.replace(
+            log_A=dirichlet_log_probs(state.transition_counts, config.pseudo_count, config.sticky_count)
+        )
+    return state
+
+
+def end_epoch(config: EMConfig, state: TrainState) -> TrainState:
+    """The epoch-level M-step (``prior_update="epoch"``): re-estimate π, A from the epoch's counts, reset."""
+    if config.prior_update != "epoch":
+        return state
+    state = m_step(config, state)
+    return state.replace(
+        class_counts=jnp.zeros_like(state.class_counts), transition_counts=jnp.zeros_like(state.transition_counts)
+    )
+
+
+def posterior_entropy(log_post: Array) -> Array:
+    """Mean entropy (nats) of the rows of ``log_post [B, K]`` (normalised log-probabilities; −inf allowed)."""
+    p = jnp.exp(log_post)
+    return -jnp.mean(jnp.sum(jnp.where(p > 0, p * log_post, 0.0), axis=-1))
+
+
+def psum_if(x: Any, axis_name: str | None) -> Any:
+    """Sum across devices when running under a named mapped axis, identity otherwise."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def pmean_if(x: Any, axis_name: str | None) -> Any:
+    """Average across devices when running under a named mapped axis, identity otherwise."""
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)

@@ -1,0 +1,212 @@
+"""The hidden Markov diffusion model (Algorithm 3 of the paper draft): jitted EM step, decoding, bound.
+
+The classes x_1..x_n of a sequence y_1..y_n follow a Markov chain (π, A) and each frame is a
+class-conditional DDPM. One training step on a batch of sequences ``[B, n, *event]``:
+
+1. emissions log b̃_k for every frame and class in one batched pass (``em.score_classes``; padded frames
+   are scored too, static shapes, and ignored by the masked HMM);
+2. observed labels clamp the emissions (−inf for the other classes);
+3. forward filtering and backward sampling of the state path, per sequence (vmap over B);
+4. a DDPM ε-loss gradient step over valid frames with their sampled states;
+5. the M-step for π and A from the sampled paths (or smoothed expected counts) plus Dirichlet
+   pseudo-counts.
+
+After training, :func:`decode` runs jit-compiled emissions and Viterbi on held-out sequences.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hmdm_jax import diffusion, emission, hmm
+from hmdm_jax.em import (
+    FINAL_STEP,
+    EMConfig,
+    EpsFn,
+    accumulate_counts,
+    denoising_loss,
+    evaluation_config,
+    frame_keys,
+    gradient_update,
+    pmean_if,
+    psum_if,
+    score_classes,
+    temperature_at,
+)
+from hmdm_jax.state import TrainState
+
+Array = jax.Array
+Batch = dict  # {"images": [B, n, *event], "mask": [B, n] bool, "labels": [B, n] int32 (−1 = unknown)}
+
+
+def sequence_log_emissions(
+    config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, images: Array, key: Array,
+    step: Array, labels: Array | None = None, axis_name: str | None = None,
+) -> Array:
+    """Tempered emissions of every frame of every sequence, observed labels clamped.
+
+    Args:
+      images: ``[B, n, *event]``.
+      labels: optional ``[B, n]`` int32, −1 = unknown.
+
+    Returns:
+      ``[B, n, K]`` log b̃ (tempered; −inf where a known label excludes the class).
+    """
+    batch, length = images.shape[:2]
+    frames = images.reshape((batch * length,) + images.shape[2:])
+    keys = frame_keys(key, batch * length, axis_name)
+    log_b = score_classes(config, eps_fn, params, schedule, frames, keys, step).reshape(batch, length, -1)
+    return log_b if labels is None else emission.clamp_to_labels(log_b, labels)
+
+
+def _batch_fields(batch: Batch) -> tuple[Array, Array, Array]:
+    images = batch["images"]
+    shape = images.shape[:2]
+    mask = batch.get("mask", jnp.ones(shape, bool))
+    labels = batch.get("labels", jnp.full(shape, -1, jnp.int32))
+    return images, mask, labels
+
+
+def make_train_step(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    schedule: diffusion.Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    ema_decay: float = 0.999,
+    axis_name: str | None = None,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
+    """Builds ``train_step(state, batch, key) -> (state, metrics)`` for HMDM (jit it, or map it over
+    devices with ``hmdm_jax.parallel``).
+
+    ``batch``: ``images [B, n, *event]``, ``mask [B, n]`` bool (optional), ``labels [B, n]`` int32 with −1
+    for unknown (optional). Metrics: ``loss``, ``log_marginal`` (mean tempered log p(Y) per sequence),
+    ``class_usage [K]`` over valid frames, ``temperature``.
+    """
+    k = config.num_classes
+
+    def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
+        images, mask, labels = _batch_fields(batch)
+        batch_size, length = images.shape[:2]
+        key_score, key_sample, key_loss = jax.random.split(key, 3)
+
+        score_params = state.ema_params if config.score_with_ema else state.params
+        log_b = sequence_log_emissions(
+            config, eps_fn, score_params, schedule, images, key_score, state.step, labels, axis_name
+        )
+        seq_keys = frame_keys(key_sample, batch_size, axis_name)
+        states, log_marginal = jax.vmap(hmm.ffbs, (0, None, None, 0, 0))(
+            seq_keys, state.log_pi, state.log_A, log_b, mask
+        )
+
+        weights = mask.reshape(-1).astype(jnp.float32)
+        normalizer = psum_if(jnp.sum(weights), axis_name)
+        frames = images.reshape((batch_size * length,) + images.shape[2:])
+        classes = jnp.maximum(states.reshape(-1), 0)  # padded frames (−1) have weight 0
+        loss_keys = frame_keys(key_loss, batch_size * length, axis_name)
+        loss_fn = lambda p: denoising_loss(
+            eps_fn, p, schedule, frames, classes, loss_keys, weights, normalizer, config.label_dropout, k
+        )
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = psum_if((loss, grads), axis_name)
+        state_before_update_step = state.step
+        state = gradient_update(state, grads, optimizer, ema_decay)
+
+        if config.counts_from == "sampled":
+            counts = jax.vmap(hmm.path_counts, (0, None, 0))(states, k, mask)
+        else:
+            counts = jax.vmap(hmm.expected_counts, (None, None, 0, 0))(state.log_pi, state.log_A, log_b, mask)
+        initial, transitions = psum_if((jnp.sum(counts.initial, 0), jnp.sum(counts.transitions, 0)), axis_name)
+        state = accumulate_counts(config, state, initial, transitions)
+
+        usage = psum_if(jnp.sum(jax.nn.one_hot(states, k) * mask[..., None], axis=(0, 1)), axis_name)
+        metrics = {
+            "loss": loss,
+            "log_marginal": pmean_if(jnp.mean(log_marginal), axis_name),
+            "class_usage": usage / jnp.maximum(jnp.sum(usage), 1.0),
+            "temperature": temperature_at(config, state_before_update_step),
+        }
+        return state, metrics
+
+    return train_step
+
+
+class DecodeResult(NamedTuple):
+    """Decoded held-out sequences.
+
+    Attributes:
+      states: ``[N, n]`` int32 Viterbi paths, −1 past each sequence's length.
+      log_joint: ``[N]`` log max_x p(x, Y) of the Viterbi path under the scoring emissions.
+      marginals: ``[N, n, K]`` smoothed posteriors p(x_i = k | Y) (0 past each length).
+    """
+
+    states: Array
+    log_joint: Array
+    marginals: Array
+
+
+def decode(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    log_pi: Array,
+    log_A: Array,
+    images: Array,
+    mask: Array,
+    key: Array,
+    *,
+    estimator: str | None = None,
+    num_t: int | None = None,
+) -> DecodeResult:
+    """Viterbi decoding of sequences (jit with ``static_argnames=("config", "eps_fn", "estimator", "num_t")``).
+
+    Emissions use the training estimator and temperature unless ``estimator``/``num_t`` override them:
+    more t-draws (e.g. 64) or ``"elbo"`` score more accurately.
+
+    Args:
+      images: ``[N, n, *event]``; mask: ``[N, n]`` bool.
+    """
+    eval_config = evaluation_config(config, estimator, num_t)
+    log_b = sequence_log_emissions(eval_config, eps_fn, params, schedule, images, key, jnp.int32(FINAL_STEP))
+    paths = jax.vmap(hmm.viterbi, (None, None, 0, 0))(log_pi, log_A, log_b, mask)
+    marginals = jax.vmap(hmm.smooth, (None, None, 0, 0))(log_pi, log_A, log_b, mask)
+    return DecodeResult(paths.states, paths.log_joint, marginals)
+
+
+def log_likelihood_bound(
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    log_pi: Array,
+    log_A: Array,
+    images: Array,
+    mask: Array,
+    key: Array,
+    *,
+    num_t: int | None = None,
+    decoder: str = "discretized",
+) -> Array:
+    """A lower bound on log p(y_1..y_n) per sequence: the forward algorithm over ELBO emissions (nats).
+
+    Jit with ``static_argnames=("eps_fn", "num_t", "decoder")``.
+
+    Args:
+      images: ``[N, n, *event]`` 8-bit data scaled to [−1, 1] (for ``decoder="discretized"``).
+      mask: ``[N, n]`` bool.
+      num_t: ELBO terms on a grid of this many steps (None: all T terms).
+
+    Returns:
+      ``[N]`` log-likelihood lower bounds in nats.
+    """
+    batch, length = images.shape[:2]
+    frames = images.reshape((batch * length,) + images.shape[2:])
+    num_classes = log_pi.shape[0]
+    elbo = emission.log_emission(
+        eps_fn, params, schedule, frames, frame_keys(key, batch * length), num_classes,
+        estimator="elbo", num_t=num_t, decoder=decoder,
+    ).reshape(batch, length, num_classes)
+    return jax.vmap(hmm.forward_filter, (None, None, 0, 0))(log_pi, log_A, elbo, mask).log_marginal

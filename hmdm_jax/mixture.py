@@ -1,0 +1,167 @@
+"""The mixture of diffusion models (Algorithm 1 of the paper draft) as a jitted Monte-Carlo EM step.
+
+Each image y has a class x ~ Categorical(π) and, given x, a class-conditional DDPM. One step:
+
+1. E-step: score all K classes of each frame (``em.score_classes``, common random numbers across
+   classes), clamp observed labels, and sample x from p̃(x = k | z, y) ∝ b̃_k π_k;
+2. a DDPM ε-loss gradient step with the sampled classes (optax) and the EMA update;
+3. M-step on π from the sampled class counts (Dirichlet pseudo-counts; fixed uniform by default).
+
+Under a named mapped axis (``axis_name``, see ``hmdm_jax.parallel``) gradients and class counts are
+summed across devices, so the update equals the single-device update on the global batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hmdm_jax import diffusion, emission
+from hmdm_jax.em import (
+    FINAL_STEP,
+    EMConfig,
+    EpsFn,
+    accumulate_counts,
+    denoising_loss,
+    evaluation_config,
+    frame_keys,
+    gradient_update,
+    posterior_entropy,
+    pmean_if,
+    psum_if,
+    score_classes,
+    temperature_at,
+)
+from hmdm_jax.state import TrainState
+
+Array = jax.Array
+Batch = dict  # {"images": [B, *event] float32, "labels": [B] int32 (−1 = unknown)}
+
+
+def class_posterior(log_b: Array, log_pi: Array, labels: Array | None = None) -> Array:
+    """log p̃(x = k | z, y) ∝ log b̃_k + log π_k, with observed labels clamped exactly.
+
+    Args:
+      log_b: ``[B, K]`` class log-scores (tempered or not).
+      log_pi: ``[K]`` log prior.
+      labels: optional ``[B]`` int32, −1 = unknown; a known label gets posterior probability 1.
+
+    Returns:
+      ``[B, K]`` normalised log-probabilities (−inf for impossible classes).
+    """
+    if labels is not None:
+        log_b = emission.clamp_to_labels(log_b, labels)
+    return emission.class_log_posterior(log_b, log_pi)
+
+
+def make_train_step(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    schedule: diffusion.Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    ema_decay: float = 0.999,
+    axis_name: str | None = None,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
+    """Builds ``train_step(state, batch, key) -> (state, metrics)`` for the mixture (jit it, or let
+    ``hmdm_jax.parallel`` map it over devices with ``axis_name``).
+
+    ``batch["images"]``: ``[B, *event]``; ``batch["labels"]``: ``[B]`` int32 with −1 for unknown (optional).
+    Metrics: ``loss``, ``posterior_entropy`` (nats), ``class_usage [K]`` (fractions of sampled classes),
+    ``temperature``.
+    """
+    k = config.num_classes
+
+    def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
+        y = batch["images"]
+        batch_size = y.shape[0]
+        labels = batch.get("labels", jnp.full((batch_size,), -1, jnp.int32))
+        key_score, key_sample, key_loss = jax.random.split(key, 3)
+
+        score_params = state.ema_params if config.score_with_ema else state.params
+        log_b = score_classes(config, eps_fn, score_params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
+        log_post = class_posterior(log_b, state.log_pi, labels)
+        classes = jax.vmap(jax.random.categorical)(frame_keys(key_sample, batch_size, axis_name), log_post)
+
+        weights = jnp.ones((batch_size,), jnp.float32)
+        normalizer = psum_if(jnp.sum(weights), axis_name)
+        loss_keys = frame_keys(key_loss, batch_size, axis_name)
+        loss_fn = lambda p: denoising_loss(
+            eps_fn, p, schedule, y, classes, loss_keys, weights, normalizer, config.label_dropout, k
+        )
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = psum_if((loss, grads), axis_name)
+        state = gradient_update(state, grads, optimizer, ema_decay)
+
+        counts = psum_if(jnp.sum(jax.nn.one_hot(classes, k), axis=0), axis_name)
+        state = accumulate_counts(config, state, counts, jnp.zeros((k, k), jnp.float32))
+        metrics = {
+            "loss": loss,
+            "posterior_entropy": pmean_if(posterior_entropy(log_post), axis_name),
+            "class_usage": counts / jnp.sum(counts),
+            "temperature": temperature_at(config, state.step - 1),
+        }
+        return state, metrics
+
+    return train_step
+
+
+def make_supervised_step(
+    eps_fn: EpsFn,
+    schedule: diffusion.Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_classes: int,
+    label_dropout: float = 0.0,
+    ema_decay: float = 0.999,
+    axis_name: str | None = None,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
+    """A plain class-conditional DDPM step with every label observed (no E-step, no M-step).
+
+    Used to pretrain the conditional diffusion that the fine-tuning ablation starts from, and as the
+    "plain step" baseline of ``benchmarks/train_bench.py``. ``batch["labels"]`` must be all known.
+    """
+
+    def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
+        y, labels = batch["images"], batch["labels"]
+        batch_size = y.shape[0]
+        weights = jnp.ones((batch_size,), jnp.float32)
+        normalizer = psum_if(jnp.sum(weights), axis_name)
+        loss_keys = frame_keys(key, batch_size, axis_name)
+        loss_fn = lambda p: denoising_loss(
+            eps_fn, p, schedule, y, labels, loss_keys, weights, normalizer, label_dropout, num_classes
+        )
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = psum_if((loss, grads), axis_name)
+        return gradient_update(state, grads, optimizer, ema_decay), {"loss": loss}
+
+    return train_step
+
+
+def predict(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    log_pi: Array,
+    y: Array,
+    key: Array,
+    *,
+    estimator: str | None = None,
+    num_t: int | None = None,
+) -> tuple[Array, Array]:
+    """Class assignments of images by the posterior mode (jit with ``static_argnums=(0, 1)``).
+
+    Args:
+      y: ``[B, *event]`` images.
+      estimator, num_t: override the training estimator (e.g. more t-draws, or "elbo", for evaluation).
+
+    Returns:
+      ``(classes [B] int32, log_posterior [B, K])``.
+    """
+    eval_config = evaluation_config(config, estimator, num_t)
+    log_b = score_classes(eval_config, eps_fn, params, schedule, y, frame_keys(key, y.shape[0]), FINAL_STEP)
+    log_post = class_posterior(log_b, log_pi)
+    return jnp.argmax(log_post, axis=-1).astype(jnp.int32), log_post

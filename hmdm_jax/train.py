@@ -1,0 +1,521 @@
+"""The one training loop that every experiment uses, for both the mixture and HMDM.
+
+A run is described by one frozen :class:`RunConfig` (printed, saved with every checkpoint, overridable
+from the command line with ``--set section.field=value``) and trained by :func:`train` on in-memory
+arrays. The loop: deterministic batches (a function of seed and step, so resume is exact), jitted steps
+(optionally ``steps_per_call`` of them fused into one ``lax.scan``), an optional k-means warm start
+(labels clamped for the first steps), periodic evaluation, ``metrics.jsonl``, a tqdm progress bar,
+Orbax checkpoints every N steps, resume, and a clean stop on SIGTERM/Ctrl-C (save, then exit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from hmdm_jax import checkpoint, diffusion, em, hmdm, mixture, models, parallel, warm_start
+from hmdm_jax.metrics import accuracy as acc_metrics
+from hmdm_jax.state import TrainState, create_train_state
+
+MODEL_TYPES = ("hmdm", "mixture")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam with linear warm-up, global-norm clipping and an EMA of the parameters."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise schedule (one object for training, scoring and sampling)."""
+
+    schedule: str = "linear"
+    num_steps: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Length, batching, warm start, evaluation and checkpointing of the loop.
+
+    Attributes:
+      num_steps: optimizer steps.
+      batch_size: frames (mixture) or sequences (HMDM) per step, global over all devices.
+      warm_start: "kmeans" (clamp k-means cluster labels for ``warm_start_steps``) or "none".
+      warm_start_steps: length of the warm start.
+      steps_per_call: fuse this many steps into one jitted ``lax.scan`` (cuts dispatch on small models).
+      log_every, eval_every, checkpoint_every: in steps (0 disables evaluation/checkpoints).
+      keep_checkpoints: the last k checkpoints are kept.
+      eval_num_t: t-draws per frame when decoding for evaluation during training.
+      final_num_t: t-draws per frame for the final evaluation.
+      eval_batch_size: sequences (or images) decoded per jitted call.
+    """
+
+    num_steps: int = 3000
+    batch_size: int = 8
+    warm_start: str = "kmeans"
+    warm_start_steps: int = 500
+    steps_per_call: int = 1
+    log_every: int = 50
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_num_t: int = 16
+    final_num_t: int = 64
+    eval_batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; the checkpoint's config.
+
+    Attributes:
+      model_type: "hmdm" or "mixture".
+      network: the ε-network architecture.
+      em: E-step, loss and M-step options (``num_classes`` is K).
+      event_shape: the shape of one frame, e.g. (8, 8, 1).
+      data: a free-form record of how the data were made (source, split, sequence settings).
+    """
+
+    model_type: str
+    network: models.ModelConfig
+    em: em.EMConfig
+    event_shape: tuple[int, ...]
+    optim: OptimConfig = OptimConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    loop: LoopConfig = LoopConfig()
+    seed: int = 0
+    data: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        object.__setattr__(self, "event_shape", tuple(int(d) for d in self.event_shape))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value, hint = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value)
+        elif isinstance(value, list):
+            value = _to_tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def apply_overrides(config, overrides: list[str]):
+    """``config`` with dotted overrides applied, e.g. ``["loop.num_steps=100", "em.temperature=0.2"]``.
+
+    Values are parsed as JSON when possible (numbers, true/false, null, lists), else kept as strings.
+    Unknown fields raise a ``ValueError`` that names them.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        config = _replace_path(config, path.split("."), _to_tuple(value), path)
+    return config
+
+
+def _replace_path(obj, names, value, full):
+    names_here = {f.name for f in dataclasses.fields(obj)}
+    if names[0] not in names_here:
+        raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has {sorted(names_here)}")
+    if len(names) == 1:
+        return dataclasses.replace(obj, **{names[0]: value})
+    return dataclasses.replace(obj, **{names[0]: _replace_path(getattr(obj, names[0]), names[1:], value, full)})
+
+
+def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int, ...], **data) -> RunConfig:
+    """The named preset for a model type, K and frame shape.
+
+    * ``cpu-small``: an MLP ε-network, minutes on a 2-core CPU (the README's main job).
+    * ``gpu``: the U-Net sized for the frame shape, one GPU.
+    * ``tpu``: the same U-Net with a larger global batch, for a pod slice.
+    """
+    event_shape = tuple(int(d) for d in event_shape)
+    sequences = model_type == "hmdm"
+    em_config = em.EMConfig(num_classes=num_classes)
+    if name == "cpu-small":
+        network = models.get_model_config("mlp")
+        loop = LoopConfig(num_steps=3000, batch_size=8 if sequences else 256)
+        return RunConfig(model_type, network, em_config, event_shape, loop=loop, data=tuple(data.items()))
+    if name in ("gpu", "tpu"):
+        network = models.get_model_config(_unet_for(event_shape))
+        frames = 1024 if name == "gpu" else 4096
+        loop = LoopConfig(
+            num_steps=50_000, batch_size=frames // 32 if sequences else frames, eval_every=5000,
+            checkpoint_every=2000, steps_per_call=1,
+        )
+        optim = OptimConfig(learning_rate=2e-4, warmup_steps=1000, ema_decay=0.9995)
+        return RunConfig(model_type, network, em_config, event_shape, optim=optim, loop=loop, data=tuple(data.items()))
+    raise ValueError(f"unknown preset {name!r}; expected cpu-small, gpu or tpu")
+
+
+def _unet_for(event_shape):
+    h = event_shape[0]
+    return {8: "digits8-unet", 28: "mnist28-unet", 32: "cifar32-unet"}.get(h, "mnist28-unet")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the pieces of a run
+
+
+class RunParts(NamedTuple):
+    """The static pieces a run is built from (not saved; rebuilt from the config)."""
+
+    model: Any
+    eps_fn: Callable
+    schedule: diffusion.Schedule
+    optimizer: optax.GradientTransformation
+
+
+def build_parts(config: RunConfig) -> RunParts:
+    """Model, ``eps_fn``, schedule and optimizer for ``config``."""
+    model = models.build_model(config.network, config.em.num_classes)
+    schedule = diffusion.get_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    o = config.optim
+    lr = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+    optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adam(lr))
+    return RunParts(model, models.make_eps_fn(model), schedule, optimizer)
+
+
+def init_state(config: RunConfig, parts: RunParts) -> TrainState:
+    """A fresh state: parameters from ``config.seed``, uniform π and A."""
+    key = jax.random.PRNGKey(config.seed)
+    params = models.init_params(jax.random.fold_in(key, 1), parts.model, config.event_shape)
+    return create_train_state(key, params, parts.optimizer, config.em.num_classes, config=config)
+
+
+def make_step(config: RunConfig, parts: RunParts, mesh=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted step ``(state, batch) -> (state, metrics)`` with key ``fold_in(state.key, state.step)``.
+
+    With ``loop.steps_per_call > 1`` the returned function takes batches stacked on a leading axis of
+    that size and runs them in one ``lax.scan``. On more than one device the step is data-parallel.
+    """
+    factory = hmdm.make_train_step if config.model_type == "hmdm" else mixture.make_train_step
+    args = (config.em, parts.eps_fn, parts.schedule, parts.optimizer)
+    kwargs = dict(ema_decay=config.optim.ema_decay)
+    if mesh is not None and mesh.devices.size > 1:
+        inner = parallel.make_parallel_step(factory, mesh, *args, **kwargs)
+    else:
+        inner = factory(*args, **kwargs)
+
+    def one(state, batch):
+        return inner(state, batch, jax.random.fold_in(state.key, state.step))
+
+    if config.loop.steps_per_call == 1:
+        return jax.jit(one, donate_argnums=0)
+    return jax.jit(lambda state, batches: jax.lax.scan(one, state, batches), donate_argnums=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data handling
+
+
+def batch_indices(seed: int, step: int, num_items: int, batch_size: int) -> np.ndarray:
+    """The item indices of the batch at ``step``: a fresh permutation per epoch, a function of (seed, step)."""
+    if batch_size > num_items:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_items} training items")
+    per_epoch = num_items // batch_size
+    epoch, within = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_items)
+    return perm[within * batch_size : (within + 1) * batch_size]
+
+
+def steps_per_epoch(config: RunConfig, num_items: int) -> int:
+    return num_items // config.loop.batch_size
+
+
+class TrainData(NamedTuple):
+    """Training data in memory.
+
+    Attributes:
+      images: ``[N, *event]`` (mixture) or ``[N, n, *event]`` (HMDM), float32 in [−1, 1].
+      labels: ``[N]`` / ``[N, n]`` int32 true labels for evaluation (−1 = unknown or padding).
+      observed: ``[N]`` / ``[N, n]`` bool, the labels that are clamped in training.
+      mask: ``[N, n]`` bool valid frames (HMDM), None for the mixture.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    observed: np.ndarray
+    mask: np.ndarray | None = None
+
+
+def training_labels(config: RunConfig, data: TrainData) -> np.ndarray:
+    """The label array fed to the step (−1 = unknown): observed labels plus, during the warm start,
+    k-means labels on the rest. Returns ``[2, N(, n)]``: row 0 during the warm start, row 1 after."""
+    clamped = np.where(data.observed, data.labels, -1).astype(np.int32)
+    if config.loop.warm_start == "none" or config.loop.warm_start_steps <= 0:
+        return np.stack([clamped, clamped])
+    if config.loop.warm_start != "kmeans":
+        raise ValueError(f"unknown warm_start {config.loop.warm_start!r}; expected 'kmeans' or 'none'")
+    valid = np.ones(data.labels.shape, bool) if data.mask is None else data.mask
+    frames = data.images[valid]
+    km = np.full(data.labels.shape, -1, np.int32)
+    km[valid] = warm_start.kmeans_labels(frames, config.em.num_classes, seed=config.seed)
+    return np.stack([np.where(clamped >= 0, clamped, km), clamped])
+
+
+def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int) -> dict:
+    idx = batch_indices(config.seed, step, len(data.images), config.loop.batch_size)
+    warm = step < config.loop.warm_start_steps
+    batch = {"images": data.images[idx], "labels": labels[0 if warm else 1][idx]}
+    if data.mask is not None:
+        batch["mask"] = data.mask[idx]
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images, mask, *, num_t: int,
+                   batch_size: int, key=None) -> dict:
+    """Decoded states of sequences (HMDM: Viterbi, marginals, log-joint) or images (mixture), batched."""
+    key = jax.random.PRNGKey(config.seed + 7) if key is None else key
+    out: dict[str, list] = {}
+    fn = _decoder(config, parts, num_t)
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, start + batch_size)
+        args = (state.ema_params, state.log_pi, state.log_A, jnp.asarray(images[sl]))
+        if config.model_type == "hmdm":
+            res = fn(*args, jnp.asarray(mask[sl]), jax.random.fold_in(key, start))
+            parts_out = {"states": res.states, "log_joint": res.log_joint, "marginals": res.marginals}
+        else:
+            classes, log_post = fn(*args, jax.random.fold_in(key, start))
+            parts_out = {"states": classes, "log_posterior": log_post}
+        for name, value in parts_out.items():
+            out.setdefault(name, []).append(np.asarray(value))
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+_DECODERS: dict = {}
+
+
+def _decoder(config: RunConfig, parts: RunParts, num_t: int):
+    cache_key = (config.em, config.model_type, id(parts.eps_fn), num_t)
+    if cache_key not in _DECODERS:
+        if config.model_type == "hmdm":
+            def fn(params, log_pi, log_A, images, mask, key):
+                return hmdm.decode(config.em, parts.eps_fn, params, parts.schedule, log_pi, log_A, images, mask,
+                                   key, num_t=num_t)
+        else:
+            def fn(params, log_pi, log_A, images, key):
+                return mixture.predict(config.em, parts.eps_fn, params, parts.schedule, log_pi, images, key,
+                                       num_t=num_t)
+        _DECODERS[cache_key] = jax.jit(fn)
+    return _DECODERS[cache_key]
+
+
+def evaluate(config: RunConfig, parts: RunParts, state: TrainState, train: TrainData, heldout: TrainData | None,
+             *, num_t: int, true_A: np.ndarray | None = None, max_train_items: int = 64) -> dict:
+    """Held-out accuracy (Hungarian and with the matching learned on training labels), class usage,
+    π and A (and A's mean absolute error against ``true_A`` after matching)."""
+    ev = config.loop.eval_batch_size
+    k = config.em.num_classes
+    result: dict[str, Any] = {"log_pi": np.asarray(state.log_pi).tolist()}
+    n_train = min(len(train.images), max_train_items)
+    tr = predict_states(config, parts, state, train.images[:n_train],
+                        None if train.mask is None else train.mask[:n_train], num_t=num_t, batch_size=ev)
+    train_true = train.labels[:n_train].reshape(-1)
+    train_pred = tr["states"].reshape(-1)
+    mapping = None
+    if np.any(train_true >= 0):
+        mapping = acc_metrics.best_matching(train_true, train_pred, k)
+        result["train_accuracy"] = acc_metrics.accuracy_with_mapping(train_true, train_pred, mapping)
+        result["matching"] = np.asarray(mapping).tolist()
+    result["class_usage"] = acc_metrics.class_usage(train_pred[train_pred >= 0], k).tolist()
+    if config.model_type == "hmdm":
+        result["A"] = np.exp(np.asarray(state.log_A)).round(4).tolist()
+    if heldout is not None:
+        ho = predict_states(config, parts, state, heldout.images, heldout.mask, num_t=num_t, batch_size=ev)
+        true, pred = heldout.labels.reshape(-1), ho["states"].reshape(-1)
+        result["heldout_accuracy"], _ = acc_metrics.matched_accuracy(true, pred)
+        if mapping is not None:
+            result["heldout_accuracy_train_matching"] = acc_metrics.accuracy_with_mapping(true, pred, mapping)
+        result.update({f"heldout_{n}": v for n, v in acc_metrics.clustering_scores(true, pred).items()})
+        result["heldout_states"] = ho["states"]
+    if true_A is not None and mapping is not None and config.model_type == "hmdm":
+        result["A_mae"] = transition_error(np.exp(np.asarray(state.log_A)), true_A, mapping)
+    return result
+
+
+def transition_error(learned_A: np.ndarray, true_A: np.ndarray, mapping) -> float:
+    """Mean absolute error between the learned A, relabelled by ``mapping`` (state → label), and true A.
+
+    States that map to no label (−1) are ignored; when the mapping is a permutation all K² entries count.
+    """
+    mapping = np.asarray(mapping)
+    ok = mapping >= 0
+    rows = np.flatnonzero(ok)
+    learned = learned_A[np.ix_(rows, rows)]
+    true = true_A[np.ix_(mapping[rows], mapping[rows])]
+    return float(np.mean(np.abs(learned - true)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns: the final state, the last evaluation, the run's static parts."""
+
+    state: TrainState
+    evaluation: dict
+    parts: RunParts
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.ndarray, jax.Array)):
+            v = np.asarray(v)
+            v = v.item() if v.ndim == 0 else v.tolist()
+        elif isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def train(
+    config: RunConfig,
+    data: TrainData,
+    workdir: str | Path,
+    *,
+    heldout: TrainData | None = None,
+    resume: bool = False,
+    true_A: np.ndarray | None = None,
+    progress: bool = True,
+    init_params: Any = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Trains ``config`` on ``data``, writing ``config.json``, ``metrics.jsonl`` and checkpoints to ``workdir``.
+
+    Args:
+      heldout: sequences (images) for periodic evaluation (labels used only there).
+      resume: continue from the latest checkpoint in ``workdir/checkpoints`` (error if none).
+      true_A: the data's transition matrix, to report A's error after matching (synthetic sequences).
+      init_params: start from these ε-network parameters (fine-tuning a pretrained diffusion).
+      stop_after: stop (with a checkpoint) after this many steps in this call; for tests and demos of resume.
+
+    SIGTERM and Ctrl-C stop the loop after the current step, save a checkpoint and return normally.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    parts = build_parts(config)
+    state = init_state(config, parts)
+    if init_params is not None:
+        state = create_train_state(state.key, init_params, parts.optimizer, config.em.num_classes, config=config)
+    ckpt = checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=config.loop.keep_checkpoints,
+                                        save_every=config.loop.checkpoint_every or 10**12)
+    if resume:
+        state, _ = ckpt.restore(state)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    labels = training_labels(config, data)
+    mesh = parallel.data_mesh() if len(jax.devices()) > 1 else None
+    step_fn = make_step(config, parts, mesh)
+    fused = config.loop.steps_per_call
+    unfused = dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps_per_call=1))
+    single_fn = step_fn if fused == 1 else make_step(unfused, parts, mesh)  # for a remainder < fused
+    n_items = len(data.images)
+    per_epoch = steps_per_epoch(config, n_items)
+    last_eval: dict = {}
+    start = int(state.step)
+    end = config.loop.num_steps if stop_after is None else min(config.loop.num_steps, start + stop_after)
+    metrics_file = open(workdir / "metrics.jsonl", "a")
+    bar = tqdm(total=end - start, initial=0, disable=not progress, desc=config.model_type, unit="step")
+    frames_per_step = config.loop.batch_size * (1 if data.mask is None else data.images.shape[1])
+    t_last, step_last = time.perf_counter(), start
+    try:
+        with checkpoint.PreemptionGuard() as guard:
+            step = start
+            while step < end:
+                n_now = fused if end - step >= fused else 1
+                if n_now > 1:
+                    batches = [make_batch(config, data, labels, step + i) for i in range(fused)]
+                    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+                    state, metrics = step_fn(state, stacked)
+                    metrics = jax.tree.map(lambda m: m[-1], metrics)
+                else:
+                    state, metrics = single_fn(state, make_batch(config, data, labels, step))
+                prev, step = step, step + n_now
+                bar.update(n_now)
+                if config.em.prior_update == "epoch" and step // per_epoch > prev // per_epoch:
+                    state = em.end_epoch(config.em, state)
+                if config.loop.log_every and (step // config.loop.log_every > prev // config.loop.log_every or step == end):
+                    now = time.perf_counter()
+                    rate = (step - step_last) * frames_per_step / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    record = {"step": step, **_jsonable(metrics), "frames_per_sec": rate}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", fps=f"{rate:.0f}")
+                if config.loop.eval_every and step // config.loop.eval_every > prev // config.loop.eval_every:
+                    last_eval = evaluate(config, parts, state, data, heldout, num_t=config.loop.eval_num_t, true_A=true_A)
+                    record = {"step": step, "eval": _jsonable({k: v for k, v in last_eval.items() if k != "heldout_states"})}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if progress:
+                        tqdm.write(_eval_line(step, last_eval))
+                ckpt.save(state, metadata=_matching_metadata(last_eval))
+                # Multi-host: every process must stop at the same step, which JAX's preemption sync decides.
+                if ckpt.reached_preemption(step) if jax.process_count() > 1 else guard.should_stop:
+                    tqdm.write(f"stop requested at step {step}: saving a checkpoint and exiting")
+                    break
+            ckpt.save(state, metadata=_matching_metadata(last_eval), force=True)
+    finally:
+        bar.close()
+        metrics_file.close()
+        ckpt.wait()
+        ckpt.close()
+    return TrainResult(state, last_eval, parts)
+
+
+def _matching_metadata(evaluation: dict) -> dict:
+    return {"matching": evaluation["matching"]} if "matching" in evaluation else {}
+
+
+def _eval_line(step: int, ev: dict) -> str:
+    items = [f"step {step}"]
+    for key in ("heldout_accuracy", "heldout_accuracy_train_matching", "train_accuracy", "A_mae"):
+        if key in ev:
+            items.append(f"{key}={ev[key]:.4f}")
+    if "class_usage" in ev:
+        items.append("usage=" + ",".join(f"{u:.2f}" for u in ev["class_usage"]))
+    return "  ".join(items)
