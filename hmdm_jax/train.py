@@ -213,6 +213,19 @@ def build_parts(config: RunConfig) -> RunParts:
     return RunParts(model, models.make_eps_fn(model), schedule, optimizer)
 
 
+def load_run(workdir: str | Path, step: int | None = None) -> tuple[RunConfig, RunParts, TrainState, dict]:
+    """The config, parts, restored state and checkpoint metadata of the run in ``workdir`` (read-only).
+
+    Raises ``checkpoint.CheckpointNotFoundError`` naming the directory when there is no checkpoint.
+    """
+    directory = Path(workdir) / "checkpoints"
+    config = RunConfig.from_dict(checkpoint.read_config(directory, step))
+    parts = build_parts(config)
+    with checkpoint.Checkpointer.open(directory, read_only=True) as ckpt:
+        state, metadata = ckpt.restore(init_state(config, parts), step)
+    return config, parts, state, metadata
+
+
 def init_state(config: RunConfig, parts: RunParts) -> TrainState:
     """A fresh state: parameters from ``config.seed``, uniform π and A."""
     key = jax.random.PRNGKey(config.seed)
@@ -292,7 +305,14 @@ def training_labels(config: RunConfig, data: TrainData) -> np.ndarray:
 
 
 def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int) -> dict:
+    """The global batch at ``step``; on several hosts, this host's contiguous share of it.
+
+    The indices are a function of (seed, step) only, so every host agrees on the global batch and each
+    reads just its ``1/process_count`` share; ``parallel.global_batch`` then assembles the global array.
+    """
     idx = batch_indices(config.seed, step, len(data.images), config.loop.batch_size)
+    if jax.process_count() > 1:
+        idx = np.array_split(idx, jax.process_count())[jax.process_index()]
     warm = step < config.loop.warm_start_steps
     batch = {"images": data.images[idx], "labels": labels[0 if warm else 1][idx]}
     if data.mask is not None:
@@ -305,12 +325,17 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
 
 
 def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images, mask, *, num_t: int,
-                   batch_size: int, key=None) -> dict:
-    """Decoded states of sequences (HMDM: Viterbi, marginals, log-joint) or images (mixture), batched."""
+                   batch_size: int, key=None, estimator: str | None = None, progress: bool = False) -> dict:
+    """Decoded states of sequences (HMDM: Viterbi, marginals, log-joint) or images (mixture), batched.
+
+    Uses the EMA parameters; each batch is one jit-compiled call (emissions, then Viterbi and smoothing).
+    ``estimator``/``num_t`` override the training emission estimator and its number of t-draws.
+    """
     key = jax.random.PRNGKey(config.seed + 7) if key is None else key
     out: dict[str, list] = {}
-    fn = _decoder(config, parts, num_t)
-    for start in range(0, len(images), batch_size):
+    fn = _decoder(config, parts, num_t, estimator)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, disable=not progress, desc="decode", unit="batch"):
         sl = slice(start, start + batch_size)
         args = (state.ema_params, state.log_pi, state.log_A, jnp.asarray(images[sl]))
         if config.model_type == "hmdm":
@@ -327,17 +352,17 @@ def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images
 _DECODERS: dict = {}
 
 
-def _decoder(config: RunConfig, parts: RunParts, num_t: int):
-    cache_key = (config.em, config.model_type, id(parts.eps_fn), num_t)
+def _decoder(config: RunConfig, parts: RunParts, num_t: int, estimator: str | None = None):
+    cache_key = (config.em, config.model_type, id(parts.eps_fn), num_t, estimator)
     if cache_key not in _DECODERS:
         if config.model_type == "hmdm":
             def fn(params, log_pi, log_A, images, mask, key):
                 return hmdm.decode(config.em, parts.eps_fn, params, parts.schedule, log_pi, log_A, images, mask,
-                                   key, num_t=num_t)
+                                   key, num_t=num_t, estimator=estimator)
         else:
             def fn(params, log_pi, log_A, images, key):
                 return mixture.predict(config.em, parts.eps_fn, params, parts.schedule, log_pi, images, key,
-                                       num_t=num_t)
+                                       num_t=num_t, estimator=estimator)
         _DECODERS[cache_key] = jax.jit(fn)
     return _DECODERS[cache_key]
 
@@ -453,6 +478,10 @@ def train(
     fused = config.loop.steps_per_call
     unfused = dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps_per_call=1))
     single_fn = step_fn if fused == 1 else make_step(unfused, parts, mesh)  # for a remainder < fused
+    if mesh is not None:
+        parallel.check_divisible(config.loop.batch_size, mesh)
+    # Several hosts: each passes its share and the global array is assembled over the mesh.
+    place = (lambda b: parallel.global_batch(b, mesh)) if jax.process_count() > 1 else (lambda b: b)
     n_items = len(data.images)
     per_epoch = steps_per_epoch(config, n_items)
     last_eval: dict = {}
@@ -470,10 +499,10 @@ def train(
                 if n_now > 1:
                     batches = [make_batch(config, data, labels, step + i) for i in range(fused)]
                     stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-                    state, metrics = step_fn(state, stacked)
+                    state, metrics = step_fn(state, place(stacked))
                     metrics = jax.tree.map(lambda m: m[-1], metrics)
                 else:
-                    state, metrics = single_fn(state, make_batch(config, data, labels, step))
+                    state, metrics = single_fn(state, place(make_batch(config, data, labels, step)))
                 prev, step = step, step + n_now
                 bar.update(n_now)
                 if config.em.prior_update == "epoch" and step // per_epoch > prev // per_epoch:
