@@ -62,6 +62,12 @@ class LoopConfig:
       eval_num_t: t-draws per frame when decoding for evaluation during training.
       final_num_t: t-draws per frame for the final evaluation.
       eval_batch_size: sequences (or images) decoded per jitted call.
+      reseed_every: every this many steps after the warm start, decode the training frames and re-seed
+        dead states (0 disables): a state used by fewer than ``reseed_min_usage / K`` of the frames takes
+        one half (2-means on the pixels) of the most used state's frames, clamped for ``reseed_steps``.
+      reseed_min_usage: the dead-state threshold, as a fraction of the uniform usage 1/K.
+      reseed_steps: how long the re-seeded assignment stays clamped.
+      reseed_num_t: t-draws per frame when decoding for the re-seed check.
     """
 
     num_steps: int = 3000
@@ -76,6 +82,10 @@ class LoopConfig:
     eval_num_t: int = 16
     final_num_t: int = 64
     eval_batch_size: int = 16
+    reseed_every: int = 500
+    reseed_min_usage: float = 0.5
+    reseed_steps: int = 250
+    reseed_num_t: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +315,7 @@ def training_labels(config: RunConfig, data: TrainData) -> np.ndarray:
     return np.stack([np.where(clamped >= 0, clamped, km), clamped])
 
 
-def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int) -> dict:
+def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int, reseed=None) -> dict:
     """The global batch at ``step``; on several hosts, this host's contiguous share of it.
 
     The indices are a function of (seed, step) only, so every host agrees on the global batch and each
@@ -315,10 +325,51 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
     if jax.process_count() > 1:
         idx = np.array_split(idx, jax.process_count())[jax.process_index()]
     warm = step < config.loop.warm_start_steps
-    batch = {"images": data.images[idx], "labels": labels[0 if warm else 1][idx]}
+    if reseed is not None and step < reseed["until"]:
+        batch_labels = np.asarray(reseed["labels"], np.int32).reshape(labels.shape[1:])[idx]
+    else:
+        batch_labels = labels[0 if warm else 1][idx]
+    batch = {"images": data.images[idx], "labels": batch_labels}
     if data.mask is not None:
         batch["mask"] = data.mask[idx]
     return batch
+
+
+RESEED_KEY = 0x5EED  # folded into the run's key for the re-seed decoding (independent of training draws)
+
+
+def reseed_dead_states(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData,
+                       clamped: np.ndarray) -> np.ndarray | None:
+    """Clamp labels that revive dead states, or None when every state is alive.
+
+    Decodes the training data; each state used by fewer than ``reseed_min_usage / K`` of the valid frames
+    one of the two 2-means halves of the most used state's frames (the half without its first frame).
+    Only those reassigned frames (and the user's observed labels) are clamped; the rest stay free.
+
+    Returns:
+      labels shaped like ``data.labels`` (−1 = free), or None.
+    """
+    k = config.em.num_classes
+    states = predict_states(config, parts, state, data.images, data.mask, num_t=config.loop.reseed_num_t,
+                            batch_size=config.loop.eval_batch_size, key=jax.random.fold_in(state.key, RESEED_KEY))["states"]
+    valid = np.ones(states.shape, bool) if data.mask is None else data.mask
+    usage = acc_metrics.class_usage(states[valid], k)
+    dead = [int(d) for d in np.flatnonzero(usage < config.loop.reseed_min_usage / k)]
+    if not dead:
+        return None
+    current = np.where(clamped >= 0, clamped, states)
+    touched = np.zeros(states.shape, bool)
+    event_ndim = data.images.ndim - states.ndim
+    for d in dead:
+        largest = int(np.argmax(acc_metrics.class_usage(current[valid], k)))
+        members = (current == largest) & valid & (clamped < 0)
+        if members.sum() < 2:
+            continue
+        frames = data.images[members].reshape((-1,) + data.images.shape[-event_ndim:])
+        halves = warm_start.kmeans_labels(frames, 2, seed=config.seed, pca_dims=20)
+        current[members] = np.where(halves == halves[0], largest, d)
+        touched |= members
+    return np.where(touched, current, clamped).astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,8 +520,10 @@ def train(
         state = create_train_state(state.key, init_params, parts.optimizer, config.em.num_classes, config=config)
     ckpt = checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=config.loop.keep_checkpoints,
                                         save_every=config.loop.checkpoint_every or 10**12)
+    reseed = None
     if resume:
-        state, _ = ckpt.restore(state)
+        state, restored_metadata = ckpt.restore(state)
+        reseed = restored_metadata.get("reseed")
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     labels = training_labels(config, data)
@@ -488,6 +541,7 @@ def train(
     last_eval: dict = {}
     start = int(state.step)
     end = config.loop.num_steps if stop_after is None else min(config.loop.num_steps, start + stop_after)
+    end_of_run = config.loop.num_steps
     metrics_file = open(workdir / "metrics.jsonl", "a")
     bar = tqdm(total=end - start, initial=0, disable=not progress, desc=config.model_type, unit="step")
     frames_per_step = config.loop.batch_size * (1 if data.mask is None else data.images.shape[1])
@@ -498,12 +552,12 @@ def train(
             while step < end:
                 n_now = fused if end - step >= fused else 1
                 if n_now > 1:
-                    batches = [make_batch(config, data, labels, step + i) for i in range(fused)]
+                    batches = [make_batch(config, data, labels, step + i, reseed) for i in range(fused)]
                     stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
                     state, metrics = step_fn(state, place(stacked))
                     metrics = jax.tree.map(lambda m: m[-1], metrics)
                 else:
-                    state, metrics = single_fn(state, place(make_batch(config, data, labels, step)))
+                    state, metrics = single_fn(state, place(make_batch(config, data, labels, step, reseed)))
                 prev, step = step, step + n_now
                 bar.update(n_now)
                 if config.em.prior_update == "epoch" and step // per_epoch > prev // per_epoch:
@@ -523,12 +577,19 @@ def train(
                     metrics_file.flush()
                     if progress:
                         tqdm.write(_eval_line(step, last_eval))
-                ckpt.save(state, metadata=_matching_metadata(last_eval))
+                every = config.loop.reseed_every
+                if (every and step // every > prev // every and step >= config.loop.warm_start_steps
+                        and step + config.loop.reseed_steps < end_of_run):
+                    revived = reseed_dead_states(config, parts, state, data, labels[1])
+                    if revived is not None:
+                        reseed = {"until": step + config.loop.reseed_steps, "labels": revived.reshape(-1).tolist()}
+                        tqdm.write(f"step {step}: re-seeding dead states (clamped until step {reseed['until']})")
+                ckpt.save(state, metadata=_metadata(last_eval, reseed))
                 # Multi-host: every process must stop at the same step, which JAX's preemption sync decides.
                 if ckpt.reached_preemption(step) if jax.process_count() > 1 else guard.should_stop:
                     tqdm.write(f"stop requested at step {step}: saving a checkpoint and exiting")
                     break
-            ckpt.save(state, metadata=_matching_metadata(last_eval), force=True)
+            ckpt.save(state, metadata=_metadata(last_eval, reseed), force=True)
     finally:
         bar.close()
         metrics_file.close()
@@ -537,8 +598,12 @@ def train(
     return TrainResult(state, last_eval, parts)
 
 
-def _matching_metadata(evaluation: dict) -> dict:
-    return {"matching": evaluation["matching"]} if "matching" in evaluation else {}
+def _metadata(evaluation: dict, reseed: dict | None) -> dict:
+    """Checkpoint metadata: the state-to-label matching (when known) and an active re-seed clamp."""
+    out = {"matching": evaluation["matching"]} if "matching" in evaluation else {}
+    if reseed is not None:
+        out["reseed"] = reseed
+    return out
 
 
 def _eval_line(step: int, ev: dict) -> str:

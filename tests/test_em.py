@@ -230,3 +230,24 @@ def test_overrides_name_unknown_fields():
     assert ht.RunConfig.from_dict(changed.to_dict()) == changed
     with pytest.raises(ValueError, match="em.temprature"):
         ht.apply_overrides(config, ["em.temprature=0.3"])
+
+
+def test_reseed_revives_dead_states_and_keeps_observed_labels():
+    """An untrained network decodes the blobs into fewer than K states; the re-seed clamp splits the
+    largest state so that every state gets frames, and never overrides an observed label."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, K, 256).astype(np.int32)
+    data = ht.TrainData(blobs(rng, labels), labels, np.zeros(256, bool))
+    config = blob_config("mixture", 60, 64)
+    parts = ht.build_parts(config)
+    state = ht.init_state(config, parts)
+    observed = np.full(256, -1, np.int32)
+    observed[:5] = 2
+    decoded = ht.predict_states(config, parts, state, data.images, None, num_t=config.loop.reseed_num_t,
+                                batch_size=config.loop.eval_batch_size,
+                                key=jax.random.fold_in(state.key, ht.RESEED_KEY))["states"]
+    assert np.bincount(decoded, minlength=K).min() < 0.5 * 256 / K  # the premise: a dead state
+    clamp = ht.reseed_dead_states(config, parts, state, data, observed)
+    np.testing.assert_array_equal(clamp[:5], 2)
+    assigned = np.where(clamp >= 0, clamp, decoded)
+    assert np.bincount(assigned, minlength=K).min() >= 0.5 * 256 / K
