@@ -1,0 +1,163 @@
+"""Build a Flax ε-network, initialise it, and expose it as the core's pure ``eps_fn``.
+
+Typical use::
+
+    model = build_model(get_model_config("mnist28-unet"), num_classes=10)
+    params = init_params(jax.random.key(0), model, (28, 28, 1))
+    eps_fn = make_eps_fn(model)                 # eps_fn(params, z_t, t, k), deterministic
+    train_eps_fn = make_train_eps_fn(model)     # train_eps_fn(dropout_key, params, z_t, t, k)
+    eps_fn_step = functools.partial(train_eps_fn, dropout_key)   # 4-argument form for one step
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .configs import PRESET_EVENT_SHAPES, PRESET_NAMES, ModelConfig, get_model_config
+from .mlp import MLP
+from .unet import UNet
+
+Array = jax.Array
+Params = Mapping[str, object]
+EpsFn = Callable[[Params, Array, Array, Array], Array]
+
+
+def build_model(config: ModelConfig | str, num_classes: int) -> nn.Module:
+    """The Flax module for ``config`` (a :class:`ModelConfig` or a preset name) with K = num_classes.
+
+    The class embedding has ``num_classes + 1`` rows; row ``num_classes`` is the null class.
+    Returns a :class:`UNet` (``kind="unet"``) or :class:`MLP` (``kind="mlp"``).
+    """
+    if isinstance(config, str):
+        config = get_model_config(config)
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig or a preset name, got {type(config).__name__}")
+    if int(num_classes) != num_classes or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative int, got {num_classes}")
+    cls = UNet if config.kind == "unet" else MLP
+    return cls(config=config, num_classes=int(num_classes))
+
+
+def _dummy_inputs(model: nn.Module, event_shape: Sequence[int]):
+    event_shape = tuple(int(d) for d in event_shape)
+    if isinstance(model, UNet) and len(event_shape) != 3:
+        raise ValueError(f"a U-Net needs event_shape (H, W, C), got {event_shape}")
+    if not event_shape or min(event_shape) < 1:
+        raise ValueError(f"event_shape must be a non-empty tuple of positive ints, got {event_shape}")
+    return (jnp.zeros((1, *event_shape), jnp.float32), jnp.ones((1,), jnp.int32),
+            jnp.zeros((1,), jnp.int32))
+
+
+def init_params(key: Array, model: nn.Module, event_shape: Sequence[int]) -> Params:
+    """Initial parameters of ``model`` for events of shape ``event_shape`` (a dummy batch of 1).
+
+    Args:
+      key: PRNG key.
+      model: from :func:`build_model`.
+      event_shape: ``(H, W, C)`` for a U-Net, ``(D,)`` for an MLP. U-Net parameters do not depend on
+        H and W, only on C.
+
+    Returns:
+      The ``params`` collection (a nested dict of float32 arrays), what ``eps_fn`` and optax take.
+    """
+    inputs = _dummy_inputs(model, event_shape)
+    return jax.jit(lambda key: model.init(key, *inputs)["params"])(key)
+
+
+def param_shapes(model: nn.Module, event_shape: Sequence[int]) -> Params:
+    """Like :func:`init_params` but abstract (``jax.ShapeDtypeStruct`` leaves, no compute)."""
+    inputs = _dummy_inputs(model, event_shape)
+    return jax.eval_shape(lambda key: model.init(key, *inputs)["params"], jax.random.key(0))
+
+
+def param_count(params: Params) -> int:
+    """Total number of scalars in a params pytree (arrays or ``ShapeDtypeStruct`` leaves)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def check_params_fit(model: nn.Module, params: Params, z_t: Array) -> None:
+    """Raise ValueError if ``params`` cannot have been initialised for ``model`` on events like ``z_t``.
+
+    Checks (statically, so it costs nothing under jit): ``params`` is the inner ``params`` collection,
+    the class table has ``num_classes + 1`` rows, and the channel count (U-Net) or flattened size (MLP)
+    of ``z_t`` matches the one the parameters were built for.
+    """
+    if not isinstance(params, Mapping) or "cond" not in params:
+        if isinstance(params, Mapping) and "params" in params:
+            raise ValueError("pass the inner params collection (variables['params']), not the "
+                             "variables dict {'params': ...}")
+        raise ValueError("params do not look like the parameters of an hmdm_jax ε-network "
+                         "(no 'cond' entry); build them with init_params")
+    rows = jnp.shape(params["cond"]["class_embed"])[0]
+    if rows != model.num_classes + 1:
+        raise ValueError(f"params have a class table of {rows} rows (K = {rows - 1}) but the model "
+                         f"has num_classes = {model.num_classes} (K + 1 = {model.num_classes + 1} rows)")
+    shape = jnp.shape(z_t)
+    if isinstance(model, UNet):
+        if len(shape) != 4:
+            raise ValueError(f"the U-Net takes images z_t of shape [B, H, W, C], got shape {shape}")
+        channels = jnp.shape(params["conv_in"]["kernel"])[2]
+        if shape[-1] != channels:
+            raise ValueError(f"z_t has {shape[-1]} channels but params were initialised for "
+                             f"{channels} channels")
+    else:
+        dim = jnp.shape(params["in_proj"]["kernel"])[0]
+        if len(shape) < 2 or math.prod(shape[1:]) != dim:
+            raise ValueError(f"z_t of shape {shape} has event size {math.prod(shape[1:])} but params "
+                             f"were initialised for D = {dim}")
+
+
+def make_eps_fn(model: nn.Module) -> EpsFn:
+    """The deterministic (dropout off) ε-network as the core's pure function.
+
+    Returns:
+      ``eps_fn(params, z_t, t, k) -> eps`` with ``z_t: [B, *event]`` float32, ``t: [B]`` int32 in 1..T,
+      ``k: [B]`` int32 in 0..K (K = null class); ``eps: [B, *event]`` float32. jit- and vmap-safe.
+    """
+
+    def eps_fn(params: Params, z_t: Array, t: Array, k: Array) -> Array:
+        check_params_fit(model, params, z_t)
+        return model.apply({"params": params}, z_t, t, k, train=False)
+
+    return eps_fn
+
+
+def make_train_eps_fn(model: nn.Module) -> Callable[..., Array]:
+    """The ε-network with dropout on (``config.dropout``), for training.
+
+    Returns:
+      ``train_eps_fn(dropout_key, params, z_t, t, k) -> eps`` (shapes as in :func:`make_eps_fn`).
+      ``functools.partial(train_eps_fn, dropout_key)`` is an ``eps_fn`` of the usual 4-argument form;
+      split a fresh ``dropout_key`` each step. With ``dropout == 0`` it equals ``eps_fn`` exactly.
+    """
+
+    def train_eps_fn(dropout_key: Array, params: Params, z_t: Array, t: Array, k: Array) -> Array:
+        check_params_fit(model, params, z_t)
+        return model.apply({"params": params}, z_t, t, k, train=True, rngs={"dropout": dropout_key})
+
+    return train_eps_fn
+
+
+def param_table(num_classes: int = 10, names: Sequence[str] = PRESET_NAMES) -> str:
+    """A Markdown table of the parameter counts of the named presets (abstract init, no compute)."""
+    lines = ["| config | kind | event shape | layout | parameters |",
+             "|---|---|---|---|---:|"]
+    for name in names:
+        cfg = get_model_config(name)
+        shape = PRESET_EVENT_SHAPES[name]
+        count = param_count(param_shapes(build_model(cfg, num_classes), shape))
+        if cfg.kind == "unet":
+            layout = (f"width {cfg.base_width}, mults {cfg.channel_mults}, "
+                      f"{cfg.num_res_blocks} res/level, attn levels {cfg.attention_levels}"
+                      f"{' + mid' if cfg.mid_attention else ''}, dropout {cfg.dropout}")
+        else:
+            layout = (f"width {cfg.mlp_width}, depth {cfg.mlp_depth}"
+                      f"{', residual' if cfg.mlp_residual else ''}"
+                      f"{' + LayerNorm' if cfg.mlp_layernorm and cfg.mlp_residual else ''}")
+        shape_str = "×".join(str(d) for d in shape)
+        lines.append(f"| `{name}` | {cfg.kind} | {shape_str} | {layout} | {count:,} |")
+    return "\n".join(lines)
