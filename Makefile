@@ -25,3 +25,4 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/hmm_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/memory.py

@@ -309,7 +309,8 @@ class _Forward(NamedTuple):
     filtered: Array | None  # [n, K] p(x_i = k | y_1..y_i) as probabilities (mode "probs")
     log_marginal: Array  # []
     A_scaled: Array  # [K, K] or [n − 1, K, K], see _column_scaled
-    log_e: Array | None  # [n − 1, K] (mode "log"): frames 1..n−1, log_b[i] + log_col_max of A_{i−1} − a per-frame constant
+    # [n − 1, K] (mode "log"): frames 1..n−1, log_b[i] + log_col_max of A_{i−1} − a per-frame constant
+    log_e: Array | None
 
 
 def _forward(log_pi, log_A, log_b, mask, time_varying: bool, mode: str) -> _Forward:
