@@ -72,7 +72,8 @@ def main(argv=None):
     config = common.build_config(
         args, "hmdm", k, train_seqs.images.shape[2:], source=args.data, num_sequences=len(train_seqs.images),
         heldout_sequences=len(held_seqs.images), length=int(train_seqs.images.shape[1]),
-        transition=args.transition, observed_labels=args.observed_labels,
+        transition=args.transition, stay=args.stay, heldout_fraction=args.heldout_fraction,
+        observed_labels=args.observed_labels,
     )
     common.print_config(config)
     train_data, held_data = to_train_data(train_seqs, observed), to_train_data(held_seqs, np.zeros_like(observed[:0]))

@@ -121,7 +121,13 @@ FINAL_STEP = 2**30  # a step past any annealing: scoring at evaluation uses the 
 def evaluation_config(config: EMConfig, estimator: str | None = None, num_t: int | None = None) -> EMConfig:
     """``config`` with the emission estimator and number of t-draws overridden for evaluation."""
     overrides = {name: value for name, value in (("estimator", estimator), ("num_t", num_t)) if value is not None}
-    return dataclasses.replace(config, **overrides)
+    config = dataclasses.replace(config, **overrides)
+    # the single-draw estimators: averaging draws of random_t is multi_t; last_decoder has one t only
+    if config.estimator == "random_t" and config.num_t > 1:
+        config = dataclasses.replace(config, estimator="multi_t")
+    elif config.estimator == "last_decoder" and config.num_t != 1:
+        config = dataclasses.replace(config, num_t=1)
+    return config
 
 
 def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None:

@@ -433,7 +433,7 @@ def evaluate(config: RunConfig, parts: RunParts, state: TrainState, train: Train
     train_pred = tr["states"].reshape(-1)
     mapping = None
     if np.any(train_true >= 0):
-        mapping = acc_metrics.best_matching(train_true, train_pred, k)
+        mapping = acc_metrics.best_matching(train_true, train_pred, None, k)  # one entry per state
         result["train_accuracy"] = acc_metrics.accuracy_with_mapping(train_true, train_pred, mapping)
         result["matching"] = np.asarray(mapping).tolist()
     result["class_usage"] = acc_metrics.class_usage(train_pred[train_pred >= 0], k).tolist()

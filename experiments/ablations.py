@@ -1,0 +1,501 @@
+#!/usr/bin/env python
+"""The paper's two ablations, in one table: (a) the posterior (E-step) estimator, (b) the initialisation.
+
+(a) Posterior estimator. Every row trains the same model on the same data with the same k-means warm
+    start and steps, changing only the E-step:
+      paper                  EMConfig.paper(K): one random t, the sampled Gaussian density, scale 1,
+                             π (and A) re-estimated: Algorithms 1/3 of the draft taken literally.
+      paper_last_decoder     the paper's E-step, always the last decoder (t = 1).
+      paper_multi_t          the paper's E-step averaged over 8 t-draws.
+      paper_elbo             the paper's E-step with a 10-term grid ELBO as the emission.
+      untempered             the default scorer (ε-MSE, 2 draws, mid band) with temperature 1.
+      default                the project's default: the same, tempered (temperature 0.15).
+      default_no_warm_start  the default without the k-means warm start (random initialisation).
+(b) Initialisation.
+      pretrained             a conditional diffusion trained with ALL true labels (the supervised
+                             reference and the starting point of fine-tuning; π, A from label counts).
+      finetune               EM (default E-step, labels hidden, no warm start) started from the
+                             pretrained ε-network: compare with default_no_warm_start (random init).
+
+Default data: the HMDM on the embedded digits' Markov sequences, built exactly as experiments/hmdm.py
+builds them (same flags and defaults); ``--model mixture`` clusters the images instead. Accuracy is
+held-out Viterbi accuracy (HMDM) or clustering accuracy on all images (mixture), Hungarian-matched.
+Each row is a normal run in WORKDIR/<row>/ (config, metrics.jsonl, checkpoints, row.json), so
+``experiments/evaluate.py --workdir WORKDIR/<row>`` evaluates it further. Rows whose row.json matches
+the current config are reused (``--rerun`` forces them); an interrupted row resumes from its checkpoint.
+The table goes to stdout, WORKDIR/ablations.md and WORKDIR/ablations.json.
+
+``--set`` overrides apply to every row (before the row's own E-step settings, which win). Periodic
+evaluation is off by default (``loop.eval_every=0``): each row is evaluated once at the end.
+
+Example (CPU: a few minutes per row at the default 1500 steps; the elbo row is slower):
+  python experiments/ablations.py --workdir runs/ablations
+  python experiments/ablations.py --workdir runs/abl --steps 300 --rows default,finetune
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import hmdm as hmdm_experiment  # experiments/hmdm.py: the sequence construction
+from hmdm_jax import checkpoint, em, metrics, mixture
+from hmdm_jax import data as hdata
+from hmdm_jax import train as htrain
+
+MULTI_T_DRAWS = 8
+ELBO_GRID = 10
+UNTEMPERED = 1.0
+
+
+class Row(NamedTuple):
+    name: str
+    ablation: str  # "a", "b" or "a, b"
+    description: str
+    overrides: Callable[[int], list]  # K -> config overrides of this row
+    kind: str = "em"  # "em" | "pretrain" | "finetune"
+
+
+def em_overrides(target: em.EMConfig) -> list[str]:
+    """The ``em.*`` overrides that turn the default EMConfig into ``target``."""
+    default = em.EMConfig(num_classes=target.num_classes)
+    out = []
+    for f in dataclasses.fields(em.EMConfig):
+        value = getattr(target, f.name)
+        if value != getattr(default, f.name):
+            out.append(f"em.{f.name}={json.dumps(value)}")
+    return out
+
+
+def _paper(**changes) -> Callable[[int], list]:
+    return lambda k: em_overrides(em.EMConfig.paper(k, **changes))
+
+
+ROWS = [
+    Row("paper", "a", "EMConfig.paper: random t, sampled density, scale 1, pi learned", _paper()),
+    Row("paper_last_decoder", "a", "paper, always the last decoder (t = 1)", _paper(estimator="last_decoder")),
+    Row("paper_multi_t", "a", f"paper, mean of {MULTI_T_DRAWS} t-draws (multi_t)",
+        _paper(estimator="multi_t", num_t=MULTI_T_DRAWS)),
+    Row("paper_elbo", "a", f"paper, {ELBO_GRID}-term grid ELBO as emission",
+        _paper(estimator="elbo", num_t=ELBO_GRID, t_range=None)),
+    Row("untempered", "a", f"eps_mse (2 draws, band 0.3-0.6 T), temperature {UNTEMPERED:g}",
+        lambda k: [f"em.temperature={UNTEMPERED}"]),
+    Row("default", "a", "default: eps_mse (2 draws, band 0.3-0.6 T), temperature 0.15 (tempered)", lambda k: []),
+    Row("default_no_warm_start", "a, b", "default, no k-means warm start (random init)",
+        lambda k: ["loop.warm_start=none"]),
+    Row("pretrained", "b", "supervised: all true labels (reference; start of finetune)", lambda k: [], "pretrain"),
+    Row("finetune", "b", "default EM from the pretrained network, labels hidden, no warm start",
+        lambda k: ["loop.warm_start=none"], "finetune"),
+]
+ROW_NAMES = [r.name for r in ROWS]
+
+
+def parse_args(argv=None):
+    h = hmdm_experiment.parse_args(["--workdir", "-"])  # the sequence flags' defaults of experiments/hmdm.py
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/ablations", help="output directory (default runs/ablations)")
+    p.add_argument("--model", default="hmdm", choices=htrain.MODEL_TYPES, help="hmdm (default) or mixture")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and draws (all rows)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of every row (default 1500)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="supervised pretraining steps (default: --steps)")
+    p.add_argument("--preset", default="cpu-small", choices=("cpu-small", "gpu", "tpu"))
+    p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                   help="rows to run (names, comma or space separated; default all): " + ", ".join(ROW_NAMES))
+    p.add_argument("--list-rows", action="store_true", help="print the rows and exit")
+    p.add_argument("--rerun", action="store_true", help="retrain rows even when WORKDIR/<row>/row.json matches")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config overrides for every row (the rows' own E-step settings win)")
+    p.add_argument("--data", default="digits", help=hdata.SOURCE_HELP)
+    p.add_argument("--num-classes", type=int, default=None, help="K (default: the number of classes of the data)")
+    g = p.add_argument_group("HMDM sequences (as in experiments/hmdm.py)")
+    g.add_argument("--num-sequences", type=int, default=h.num_sequences)
+    g.add_argument("--heldout-sequences", type=int, default=h.heldout_sequences)
+    g.add_argument("--length", type=int, default=h.length)
+    g.add_argument("--transition", default=h.transition)
+    g.add_argument("--stay", type=float, default=h.stay)
+    g.add_argument("--heldout-fraction", type=float, default=h.heldout_fraction)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.list_rows:
+        return args
+    names = ROW_NAMES if args.rows is None else [n for item in args.rows for n in item.split(",") if n]
+    unknown = [n for n in names if n not in ROW_NAMES]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {ROW_NAMES}")
+    args.row_names = [n for n in ROW_NAMES if n in names]  # canonical order (pretrained before finetune)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    args.pretrain_steps = args.steps if args.pretrain_steps is None else args.pretrain_steps
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+class Data(NamedTuple):
+    train: htrain.TrainData
+    heldout: htrain.TrainData | None
+    true_A: np.ndarray | None
+    num_classes: int
+    event_shape: tuple
+    record: dict
+
+
+def build_data(args) -> Data:
+    if args.model == "hmdm":
+        h = hmdm_experiment.parse_args([
+            "--workdir", str(args.workdir), "--data", args.data, "--seed", str(args.seed),
+            "--num-sequences", str(args.num_sequences), "--heldout-sequences", str(args.heldout_sequences),
+            "--length", str(args.length), "--transition", args.transition, "--stay", str(args.stay),
+            "--heldout-fraction", str(args.heldout_fraction)]
+            + ([] if args.num_classes is None else ["--num-classes", str(args.num_classes)]))
+        train_seqs, held_seqs, true_A = hmdm_experiment.make_sequences(h)
+        k = args.num_classes or train_seqs.num_classes
+        hidden = np.zeros(train_seqs.labels.shape, bool)
+        record = dict(source=args.data, num_sequences=len(train_seqs.images), heldout_sequences=len(held_seqs.images),
+                      length=int(train_seqs.images.shape[1]), transition=args.transition, stay=args.stay,
+                      heldout_fraction=args.heldout_fraction, observed_labels=0.0)
+        return Data(hmdm_experiment.to_train_data(train_seqs, hidden),
+                    hmdm_experiment.to_train_data(held_seqs, np.zeros(held_seqs.labels.shape, bool)),
+                    true_A, k, tuple(train_seqs.images.shape[2:]), record)
+    images = hdata.load_source(args.data)
+    k = args.num_classes or images.num_classes
+    record = dict(source=args.data, num_images=len(images.images), observed_labels=0.0)
+    return Data(htrain.TrainData(images.images, images.labels, np.zeros(images.labels.shape, bool)), None, None, k,
+                tuple(images.images.shape[1:]), record)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+
+
+def base_config(args, data: Data, notes: list) -> htrain.RunConfig:
+    config = htrain.preset(args.preset, args.model, data.num_classes, data.event_shape, **data.record)
+    config = _apply(config, [f"seed={args.seed}", f"loop.num_steps={args.steps}", "loop.eval_every=0"] + list(args.set))
+    if config.loop.warm_start != "none" and config.loop.warm_start_steps >= config.loop.num_steps:
+        short = max(1, config.loop.num_steps // 3)
+        notes.append(f"loop.warm_start_steps={config.loop.warm_start_steps} >= {config.loop.num_steps} steps: "
+                     f"the warm start is shortened to {short} steps (a third of the run)")
+        config = _apply(config, [f"loop.warm_start_steps={short}"])
+    return config
+
+
+def row_config(base: htrain.RunConfig, row: Row) -> htrain.RunConfig:
+    return _apply(base, row.overrides(base.em.num_classes))
+
+
+def _apply(config, overrides):
+    try:
+        return htrain.apply_overrides(config, overrides)
+    except ValueError as e:
+        common.fail(str(e))
+
+
+def _json(obj) -> Any:
+    return json.loads(json.dumps(obj, default=common._default))
+
+
+def e_step_summary(config: htrain.RunConfig, row: Row) -> str:
+    if row.kind == "pretrain":
+        return "supervised (all labels)"
+    e = config.em
+    parts = [e.estimator]
+    if e.estimator == "elbo":
+        parts.append(f"grid {e.num_t}")
+    elif e.estimator != "last_decoder":
+        parts.append(f"{e.num_t} draw{'s' if e.num_t != 1 else ''}")
+    if e.estimator == "eps_mse" and e.t_range is not None:
+        parts.append(f"band {e.t_range[0]:g}-{e.t_range[1]:g}")
+    parts.append(f"temp {e.temperature:g}")
+    parts.append("pi learned" if e.learn_pi else "pi fixed")
+    ws = config.loop.warm_start
+    parts.append("init: pretrained" if row.kind == "finetune" else
+                 ("k-means warm start" if ws != "none" and config.loop.warm_start_steps > 0 else "no warm start"))
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation of one row
+
+
+def common_scorer(config: em.EMConfig, num_t: int) -> em.EMConfig:
+    """The scorer every row is decoded with: the default E-step scorer (eps_mse, mid band, temperature
+    0.15) with ``num_t`` draws, so that the rows compare what was learned, not how it is scored."""
+    d = em.EMConfig(num_classes=config.num_classes)
+    return dataclasses.replace(config, estimator=d.estimator, t_range=d.t_range, temperature=d.temperature,
+                               initial_temperature=None, per_dim=d.per_dim, variance=d.variance, num_t=num_t)
+
+
+def own_scorer(config: em.EMConfig, num_t: int) -> em.EMConfig:
+    """The row's own E-step estimator, with ``num_t`` draws where it allows them: random_t becomes
+    multi_t (the mean of num_t random_t terms, the same expectation), last_decoder keeps its single draw
+    (t = 1 is fixed), elbo keeps its training grid."""
+    if config.estimator == "random_t":
+        return dataclasses.replace(config, estimator="multi_t", num_t=num_t)
+    if config.estimator == "last_decoder":
+        return dataclasses.replace(config, num_t=1)
+    if config.estimator == "elbo":
+        return config
+    return dataclasses.replace(config, num_t=num_t)
+
+
+def scorer_summary(e: em.EMConfig) -> str:
+    band = f", band {e.t_range[0]:g}-{e.t_range[1]:g} T" if e.estimator == "eps_mse" and e.t_range else ""
+    draws = f"grid {e.num_t}" if e.estimator == "elbo" else f"{e.num_t} draw{'s' if e.num_t != 1 else ''}"
+    return f"{e.estimator}, {draws}{band}, temperature {e.temperature:g}"
+
+
+def _decode(config, parts, state, scorer: em.EMConfig, images, mask, batch, key=None):
+    cfg = dataclasses.replace(config, em=scorer)
+    return htrain.predict_states(cfg, parts, state, images, mask, num_t=scorer.num_t, batch_size=batch, key=key)["states"]
+
+
+def evaluate_row(config, parts, state, data: Data) -> dict:
+    """Held-out Viterbi accuracy (HMDM) / clustering accuracy on all images (mixture), Hungarian-matched,
+    with the common scorer (and with the row's own scorer), the accuracy with a matching learned on at
+    most 64 training items, ARI/NMI, class usage."""
+    k = config.em.num_classes
+    hmdm = config.model_type == "hmdm"
+    num_t = config.loop.final_num_t
+    batch = config.loop.eval_batch_size * (1 if hmdm else 16)
+    scored = data.heldout if hmdm else data.train
+    common_em, own_em = common_scorer(config.em, num_t), own_scorer(config.em, num_t)
+    pred = _decode(config, parts, state, common_em, scored.images, scored.mask, batch)
+    acc, _ = metrics.matched_accuracy(scored.labels, pred, None, k)
+    usage = metrics.class_usage(pred, k)
+    out = {"accuracy": acc, **metrics.clustering_scores(scored.labels, pred), "class_usage": usage.tolist(),
+           "class_usage_min": float(usage.min()), "scorer": scorer_summary(common_em),
+           "own_scorer": scorer_summary(own_em)}
+    own_pred = pred if own_em == common_em else _decode(config, parts, state, own_em, scored.images, scored.mask, batch)
+    out["accuracy_own_scorer"], _ = metrics.matched_accuracy(scored.labels, own_pred, None, k)
+    m = min(64, len(data.train.images))
+    tr = _decode(config, parts, state, common_em, data.train.images[:m],
+                 None if data.train.mask is None else data.train.mask[:m], batch, jax.random.PRNGKey(config.seed + 8))
+    mapping = metrics.best_matching(data.train.labels[:m], tr, None, k)
+    out["accuracy_train_matching"] = metrics.accuracy_with_mapping(scored.labels, pred, mapping)
+    out["matching"] = mapping.tolist()
+    if hmdm:
+        learned = np.exp(np.asarray(state.log_A))
+        out["A_learned"] = learned.round(4).tolist()
+        if data.true_A is not None and data.true_A.shape == learned.shape:
+            out["A_mae"] = htrain.transition_error(learned, data.true_A, mapping)
+    else:
+        out["pi"] = np.exp(np.asarray(state.log_pi)).round(4).tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training of one row
+
+
+def _labelled_frames(data: Data) -> tuple[np.ndarray, np.ndarray]:
+    td = data.train
+    images, labels = (td.images, td.labels) if td.mask is None else (td.images[td.mask], td.labels[td.mask])
+    keep = labels >= 0
+    return images[keep], labels[keep].astype(np.int32)
+
+
+def pretrain(config: htrain.RunConfig, data: Data, workdir: Path, steps: int, progress: bool):
+    """A plain conditional DDPM trained with every true label (``mixture.make_supervised_step``) on the
+    training frames; π (and A) from the label counts. Saved as a normal checkpoint in ``workdir``."""
+    parts = htrain.build_parts(config)
+    frames, labels = _labelled_frames(data)
+    if len(frames) == 0:
+        common.fail("pretraining needs labelled training data")
+    k = config.em.num_classes
+    per_step = config.loop.batch_size * (data.train.images.shape[1] if config.model_type == "hmdm" else 1)
+    batch = min(per_step, len(frames))  # the same frames per step as the EM runs
+    step_fn = jax.jit(mixture.make_supervised_step(parts.eps_fn, parts.schedule, parts.optimizer, num_classes=k,
+                                                   label_dropout=config.em.label_dropout,
+                                                   ema_decay=config.optim.ema_decay), donate_argnums=0)
+    state = htrain.init_state(config, parts)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    log_every = config.loop.log_every
+    with open(workdir / "metrics.jsonl", "a") as log:
+        for step in tqdm(range(steps), disable=not progress, desc="pretrain", unit="step"):
+            idx = htrain.batch_indices(config.seed, step, len(frames), batch)
+            state, m = step_fn(state, {"images": frames[idx], "labels": labels[idx]},
+                               jax.random.fold_in(state.key, state.step))
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+                log.write(json.dumps({"step": step + 1, "loss": float(m["loss"])}) + "\n")
+    # The supervised M-step: π from the labels of the first frames, A from labelled transitions.
+    tl = data.train.labels
+    if config.model_type == "hmdm":
+        first = tl[:, 0]
+        pi_counts = np.bincount(first[first >= 0], minlength=k)
+        a, b = tl[:, :-1].reshape(-1), tl[:, 1:].reshape(-1)
+        ok = (a >= 0) & (b >= 0)
+        a_counts = np.zeros((k, k))
+        np.add.at(a_counts, (a[ok], b[ok]), 1)
+    else:
+        pi_counts = np.bincount(tl[tl >= 0], minlength=k)
+        a_counts = np.zeros((k, k))
+    pc = config.em.pseudo_count
+    state = state.replace(log_pi=em.dirichlet_log_probs(jnp.asarray(pi_counts, jnp.float32), pc),
+                          log_A=em.dirichlet_log_probs(jnp.asarray(a_counts, jnp.float32), pc))
+    with checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=1) as ckpt:
+        ckpt.save(state, metadata={"matching": list(range(k))}, force=True)
+        ckpt.wait()
+    return state, parts
+
+
+def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path, pretrained_params=None) -> dict:
+    """Trains (or reuses) one row and evaluates it; returns its row record (also saved as row.json)."""
+    row_dir = workdir / row.name
+    config_json = _json(config.to_dict())
+    saved = row_dir / "row.json"
+    steps = args.pretrain_steps if row.kind == "pretrain" else config.loop.num_steps
+    if saved.exists() and not args.rerun:
+        old = json.loads(saved.read_text())
+        if old.get("config") == config_json and old.get("steps") == steps and "results" in old \
+                and (row.kind != "finetune" or old.get("pretrain_steps") == args.pretrain_steps):
+            print(f"[{row.name}] reusing {saved}", flush=True)
+            return old
+    resume = False
+    if row_dir.exists():
+        same = (row_dir / "config.json").exists() and json.loads((row_dir / "config.json").read_text()) == config_json
+        if row.kind == "em" and same and not args.rerun and (row_dir / "checkpoints").exists():
+            resume = True
+            print(f"[{row.name}] resuming from {row_dir / 'checkpoints'}", flush=True)
+        else:
+            shutil.rmtree(row_dir)
+    print(f"[{row.name}] {row.description}: {steps} steps", flush=True)
+    t0 = time.perf_counter()
+    if row.kind == "pretrain":
+        state, parts = pretrain(config, data, row_dir, steps, not args.no_progress)
+    else:
+        result = htrain.train(config, data.train, row_dir, heldout=data.heldout, true_A=data.true_A, resume=resume,
+                              progress=not args.no_progress,
+                              init_params=pretrained_params if row.kind == "finetune" else None)
+        state, parts = result.state, result.parts
+    train_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = evaluate_row(config, parts, state, data)
+    record = {
+        "row": row.name, "ablation": row.ablation, "description": row.description, "e_step": e_step_summary(config, row),
+        "overrides": row.overrides(config.em.num_classes), "steps": steps, "trained_steps": int(state.step),
+        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0,
+        "resumed": resume, "results": results, "config": config_json,
+    }
+    if row.kind == "finetune":
+        record["pretrain_steps"] = args.pretrain_steps
+    saved.write_text(json.dumps(record, indent=2, default=common._default))
+    print(f"[{row.name}] accuracy {results['accuracy']:.4f} (Hungarian; own scorer {results['accuracy_own_scorer']:.4f}), min class usage "
+          f"{results['class_usage_min']:.3f}, {train_seconds:.0f} s", flush=True)
+    return _json(record)
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+
+
+def _fmt(v, digits=4):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def markdown_table(records: list, model: str) -> str:
+    acc_name = "held-out acc." if model == "hmdm" else "acc. (all images)"
+    head = (f"| abl. | row | E-step / initialisation | {acc_name} | acc. (own scorer) | acc. (train matching) | "
+            f"ARI | NMI | min class usage | train time (s) | steps |")
+    lines = [head, "|" + "---|" * 11]
+    for r in records:
+        if "error" in r:
+            error = r["error"].replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r['ablation']} | {r['row']} | {r.get('e_step', '')} | failed: {error} | | | | | | | |")
+            continue
+        res = r["results"]
+        lines.append(
+            f"| {r['ablation']} | {r['row']} | {r['e_step']} | {_fmt(res['accuracy'])} | "
+            f"{_fmt(res.get('accuracy_own_scorer'))} | {_fmt(res.get('accuracy_train_matching'))} | "
+            f"{_fmt(res.get('ari'), 3)} | {_fmt(res.get('nmi'), 3)} | {_fmt(res['class_usage_min'], 3)} | "
+            f"{r['train_seconds']:.0f}{' (resumed)' if r.get('resumed') else ''} | {r['steps']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_rows:
+        for r in ROWS:
+            print(f"{r.name:24s} ({r.ablation}) {r.description}")
+        return None
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = build_data(args)
+    if data.num_classes < 2:
+        common.fail("the ablations need K >= 2 classes: pass --num-classes")
+    notes: list[str] = []
+    base = base_config(args, data, notes)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    selected = [r for r in ROWS if r.name in args.row_names]
+    if any(r.kind == "finetune" for r in selected) and not any(r.kind == "pretrain" for r in selected):
+        selected.insert(0, next(r for r in ROWS if r.kind == "pretrain"))  # finetune needs it
+        print("note: finetune needs the pretrained row; running (or reusing) it too", flush=True)
+    records, pretrained_params = [], None
+    t_all = time.perf_counter()
+    for row in selected:
+        config = row_config(base, row)
+        try:
+            if row.kind == "finetune":
+                if pretrained_params is None:
+                    raise RuntimeError("the pretrained row failed")
+                record = run_row(args, row, config, data, workdir, pretrained_params)
+            else:
+                record = run_row(args, row, config, data, workdir)
+            if row.kind == "pretrain":
+                # The EMA parameters of the supervised run are the starting point of fine-tuning.
+                _, _, state, _ = htrain.load_run(workdir / row.name)
+                # Uncommitted copies: restored (committed) arrays would make the EM step compile anew.
+                pretrained_params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state.ema_params)
+        except (Exception, SystemExit) as e:  # one failed row must not lose the others
+            if isinstance(e, SystemExit) and e.code in (0, None):
+                raise
+            traceback.print_exc()
+            record = {"row": row.name, "ablation": row.ablation, "description": row.description,
+                      "e_step": e_step_summary(config, row), "error": f"{type(e).__name__}: {e}"}
+        records.append(record)
+    table = markdown_table(records, args.model)
+    what = ("held-out Viterbi accuracy of the HMDM on digit Markov sequences" if args.model == "hmdm"
+            else "clustering accuracy of the mixture on all images")
+    header = (f"# Ablations ({args.model}, data {args.data}, seed {args.seed}, {args.steps} steps per row"
+              f"{f', {args.pretrain_steps} pretraining steps' if any(r.kind == 'pretrain' for r in selected) else ''})\n\n"
+              f"Accuracy: {what}, Hungarian-matched on the scored data. Every row is decoded with the same scorer "
+              f"({scorer_summary(common_scorer(base.em, base.loop.final_num_t))}); \"own scorer\": decoded with the "
+              f"row's E-step estimator instead (random_t averaged over the same draws = multi_t; last_decoder one draw; "
+              f"elbo its grid); \"train matching\": the matching learned on (at most 64) training items. Min class "
+              f"usage: the smallest fraction of decoded frames in one state (0 = an unused state). (b) compares "
+              f"finetune with default_no_warm_start (random initialisation, no warm start); pretrained is the "
+              f"supervised reference.\n")
+    text = header + "\n" + table + "\n" + "".join(f"\nNote: {n}\n" for n in notes)
+    (workdir / "ablations.md").write_text(text)
+    summary = {"model": args.model, "data": args.data, "seed": args.seed, "steps": args.steps,
+               "pretrain_steps": args.pretrain_steps, "preset": args.preset, "overrides": list(args.set),
+               "data_record": data.record, "notes": notes, "seconds": time.perf_counter() - t_all,
+               "rows": [{k: v for k, v in r.items() if k != "config"} for r in records], "table": table}
+    (workdir / "ablations.json").write_text(json.dumps(summary, indent=2, default=common._default))
+    print("\n" + table + "\n", flush=True)
+    print(f"wrote {workdir / 'ablations.md'} and {workdir / 'ablations.json'}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
