@@ -10,6 +10,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -42,14 +43,42 @@ def build_model(config: ModelConfig | str, num_classes: int) -> nn.Module:
     return cls(config=config, num_classes=int(num_classes))
 
 
-def _dummy_inputs(model: nn.Module, event_shape: Sequence[int]):
-    event_shape = tuple(int(d) for d in event_shape)
+def _check_event_shape(model: nn.Module, event_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        event_shape = tuple(int(d) for d in event_shape)
+    except TypeError:
+        raise ValueError(f"event_shape must be a tuple of ints, got {event_shape!r}") from None
     if isinstance(model, UNet) and len(event_shape) != 3:
         raise ValueError(f"a U-Net needs event_shape (H, W, C), got {event_shape}")
     if not event_shape or min(event_shape) < 1:
         raise ValueError(f"event_shape must be a non-empty tuple of positive ints, got {event_shape}")
-    return (jnp.zeros((1, *event_shape), jnp.float32), jnp.ones((1,), jnp.int32),
-            jnp.zeros((1,), jnp.int32))
+    return event_shape
+
+
+def _init_fn(model: nn.Module, event_shape: tuple[int, ...]):
+    """``key -> params``: ``model.init`` on a dummy batch of one (built inside the trace)."""
+
+    def init(key):
+        inputs = (jnp.zeros((1, *event_shape), jnp.float32), jnp.ones((1,), jnp.int32),
+                  jnp.zeros((1,), jnp.int32))
+        return model.init(key, *inputs)["params"]
+
+    return init
+
+
+def _cached(factory):
+    """``functools.lru_cache`` for (model, event_shape) factories that falls back to no caching for
+    an unhashable model."""
+    cached = functools.lru_cache(maxsize=64)(factory)
+
+    def get(model, event_shape):
+        try:
+            hash(model)
+        except TypeError:
+            return factory(model, event_shape)
+        return cached(model, event_shape)
+
+    return get
 
 
 def init_params(key: Array, model: nn.Module, event_shape: Sequence[int]) -> Params:
@@ -63,15 +92,36 @@ def init_params(key: Array, model: nn.Module, event_shape: Sequence[int]) -> Par
 
     Returns:
       The ``params`` collection (a nested dict of float32 arrays), what ``eps_fn`` and optax take.
+
+    The jitted initialiser is built once per ``(model, event_shape)`` and reused. On CPU it is compiled
+    with XLA's backend optimisation level 0: it runs once, and the LLVM optimisation of its hundred-odd
+    random-number kernels is what makes it slow to compile (a 28×28 U-Net with threefry keys: ~6× faster
+    to compile). Values agree with the optimised build to float32 rounding (≤ 1 ulp).
     """
-    inputs = _dummy_inputs(model, event_shape)
-    return jax.jit(lambda key: model.init(key, *inputs)["params"])(key)
+    event_shape = _check_event_shape(model, event_shape)
+    if isinstance(key, jax.core.Tracer):  # inside a caller's jit/eval_shape: compiler options are top-level only
+        return _init_fn(model, event_shape)(key)
+    return _jitted_init(model, event_shape)(key)
+
+
+@_cached
+def _jitted_init(model: nn.Module, event_shape: tuple[int, ...]):
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(_init_fn(model, event_shape), compiler_options=options)
+
+
+@_cached
+def _abstract_params(model: nn.Module, event_shape: tuple[int, ...]) -> Params:
+    return jax.eval_shape(_init_fn(model, event_shape), jax.random.key(0))
 
 
 def param_shapes(model: nn.Module, event_shape: Sequence[int]) -> Params:
-    """Like :func:`init_params` but abstract (``jax.ShapeDtypeStruct`` leaves, no compute)."""
-    inputs = _dummy_inputs(model, event_shape)
-    return jax.eval_shape(lambda key: model.init(key, *inputs)["params"], jax.random.key(0))
+    """Like :func:`init_params` but abstract (``jax.ShapeDtypeStruct`` leaves, no compute).
+
+    Traced once per ``(model, event_shape)``; each call returns fresh containers.
+    """
+    abstract = _abstract_params(model, _check_event_shape(model, event_shape))
+    return jax.tree_util.tree_map(lambda leaf: leaf, abstract)
 
 
 def param_count(params: Params) -> int:
