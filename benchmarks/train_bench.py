@@ -15,7 +15,7 @@ and frames, each jitted, compilation excluded (a warm-up call), every call ended
 * ``plain step``: the supervised step on the same B·n frames with random labels;
 * ``K fwd``: K forward passes ``eps_fn(params, z [B·n, *event], t, k)``, one per class (vmap over k);
 * ``K·num_t fwd``: the same on num_t noisy copies of each frame, the network work of the default
-  ``eps_mse`` emission (``config.em.num_t = 2`` t-draws per frame);
+  ``eps_mse`` emission (``config.em.num_t`` t-draws per frame, 1 by default);
 * ``score_classes``: the step's emission pass alone (network + draws + reduction);
 * ``ffbs``: the step's HMM pass alone (vmap over B of ``hmm.ffbs`` on [n, K] emissions).
 
@@ -153,7 +153,7 @@ def breakdown(t: dict) -> str:
     return ", ".join(f"{name} {1e3 * x:.1f} ms ({100 * x / step:.0f}%)" for name, x in parts)
 
 
-DEFAULT_ROWS = "mlp:8x30:2,mlp:8x30:1,mnist28-unet:1x4:2:3"
+DEFAULT_ROWS = "mlp:8x30:1,mlp:8x30:2,mnist28-unet:1x4:1:3"
 
 
 def parse_rows(spec: str, repeats: int) -> list[tuple[str, int, int, int, int]]:
@@ -173,7 +173,7 @@ def main():
     parser.add_argument(
         "--rows", default=DEFAULT_ROWS,
         help="comma-separated network:BxN:num_t[:repeats] (network: a models preset; event shape (8, 8, 1) "
-             "for MLPs, the preset's own for U-Nets; num_t: the emission's t-draws, 2 is the default)",
+             "for MLPs, the preset's own for U-Nets; num_t: the emission's t-draws, 1 is the default)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: mlp on 2x6 frames, 3 repeats")
     args = parser.parse_args()

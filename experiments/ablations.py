@@ -72,14 +72,9 @@ class Row(NamedTuple):
 
 
 def em_overrides(target: em.EMConfig) -> list[str]:
-    """The ``em.*`` overrides that turn the default EMConfig into ``target``."""
-    default = em.EMConfig(num_classes=target.num_classes)
-    out = []
-    for f in dataclasses.fields(em.EMConfig):
-        value = getattr(target, f.name)
-        if value != getattr(default, f.name):
-            out.append(f"em.{f.name}={json.dumps(value)}")
-    return out
+    """The ``em.*`` overrides that turn any EMConfig with ``target.num_classes`` into ``target``."""
+    return [f"em.{f.name}={json.dumps(getattr(target, f.name))}" for f in dataclasses.fields(em.EMConfig)
+            if f.name != "num_classes"]
 
 
 def _paper(**changes) -> Callable[[int], list]:
@@ -93,9 +88,9 @@ ROWS = [
         _paper(estimator="multi_t", num_t=MULTI_T_DRAWS)),
     Row("paper_elbo", "a", f"paper, {ELBO_GRID}-term grid ELBO as emission",
         _paper(estimator="elbo", num_t=ELBO_GRID, t_range=None)),
-    Row("untempered", "a", f"eps_mse (2 draws, band 0.3-0.6 T), temperature {UNTEMPERED:g}",
+    Row("untempered", "a", f"eps_mse (preset draws, band 0.3-0.6 T), temperature {UNTEMPERED:g}",
         lambda k: [f"em.temperature={UNTEMPERED}"]),
-    Row("default", "a", "default: eps_mse (2 draws, band 0.3-0.6 T), temperature 0.15 (tempered)", lambda k: []),
+    Row("default", "a", "default: eps_mse (preset draws: 1 for HMDM), band 0.3-0.6 T, temperature 0.15", lambda k: []),
     Row("default_no_warm_start", "a, b", "default, no k-means warm start (random init)",
         lambda k: ["loop.warm_start=none"]),
     Row("pretrained", "b", "supervised: all true labels (reference; start of finetune)", lambda k: [], "pretrain"),

@@ -3,7 +3,10 @@
 
 Unsupervised by default: labels are used only for evaluation, except a random fraction F of the
 labelled images (``--observed-labels F``) that is clamped in training; then the accuracy on the other
-(masked) labels is reported too. All images are clustered (the paper's setting); ``npz:PATH`` holds
+(masked) labels is reported too. All images are clustered (the paper's setting) unless
+``--heldout-fraction F`` keeps a stratified fraction apart: then the model is trained on the rest and the
+held-out images are classified too. With the same ``--seed`` and fraction as ``experiments/hmdm.py`` the
+pools are those of its Markov sequences (the frame-wise mixture on the same split). ``npz:PATH`` holds
 ``images [N, H, W(, C)]`` and optional ``labels [N]``.
 
 Example:
@@ -26,15 +29,23 @@ from hmdm_jax import train as htrain
 
 
 def main(argv=None):
-    args = common.base_parser(__doc__).parse_args(argv)
+    p = common.base_parser(__doc__)
+    p.add_argument("--heldout-fraction", type=float, default=0.0,
+                   help="train on the rest, also report accuracy on this stratified held-out fraction (default 0)")
+    args = p.parse_args(argv)
     workdir = Path(args.workdir)
     images = hdata.load_source(args.data)
+    heldout = None
+    if args.heldout_fraction > 0:
+        pools = hdata.split_images(images, args.heldout_fraction, args.seed)
+        images, heldout = pools.train, pools.heldout
     k = args.num_classes or images.num_classes
     if k < 1:
         common.fail("cannot infer K from unlabelled data: pass --num-classes")
     observed = common.observed_mask(images.labels, args.observed_labels, args.seed)
     config = common.build_config(args, "mixture", k, images.images.shape[1:], source=args.data,
-                                 num_images=len(images.images), observed_labels=args.observed_labels)
+                                 num_images=len(images.images), observed_labels=args.observed_labels,
+                                 heldout_fraction=args.heldout_fraction)
     common.print_config(config)
     data = htrain.TrainData(images.images, images.labels, observed)
     with common.Timer() as timer:
@@ -55,7 +66,16 @@ def main(argv=None):
             name: {key: v for key, v in fn(flat, images.labels, flat, images.labels, k, seed=args.seed).items()
                    if key in ("accuracy", "ari", "nmi", "wall_time_s")}
             for name, fn in (("kmeans", metrics.kmeans_baseline), ("gmm", metrics.gmm_baseline))}
+    if heldout is not None and (heldout.labels >= 0).any():
+        held_pred = htrain.predict_states(config, result.parts, result.state, heldout.images, None,
+                                          num_t=config.loop.final_num_t, batch_size=256)["states"]
+        results["heldout_accuracy"] = metrics.matched_accuracy(heldout.labels, held_pred, k, k)[0]
+        if "matching" in results:  # the state -> label matching learned on the training images
+            results["heldout_accuracy_train_matching"] = metrics.accuracy_with_mapping(
+                heldout.labels, held_pred, results["matching"])
     common.write_results(workdir, results)
+    if "heldout_accuracy" in results:
+        print(f"held-out accuracy: {results['heldout_accuracy']:.4f} (Hungarian)")
     if "accuracy" in results:
         print(f"\nclustering accuracy (Hungarian): {results['accuracy']:.4f}  ARI {results['ari']:.3f}  NMI {results['nmi']:.3f}")
         if "masked_label_accuracy" in results:

@@ -27,10 +27,9 @@ from hmdm_jax.em import (
     EMConfig,
     EpsFn,
     accumulate_counts,
-    denoising_loss,
+    denoising_step,
     evaluation_config,
     frame_keys,
-    gradient_update,
     pmean_if,
     psum_if,
     score_classes,
@@ -102,18 +101,13 @@ def make_train_step(
             seq_keys, state.log_pi, state.log_A, log_b, mask
         )
 
-        weights = mask.reshape(-1).astype(jnp.float32)
-        normalizer = psum_if(jnp.sum(weights), axis_name)
         frames = images.reshape((batch_size * length,) + images.shape[2:])
         classes = jnp.maximum(states.reshape(-1), 0)  # padded frames (−1) have weight 0
-        loss_keys = frame_keys(key_loss, batch_size * length, axis_name)
-        loss_fn = lambda p: denoising_loss(
-            eps_fn, p, schedule, frames, classes, loss_keys, weights, normalizer, config.label_dropout, k
+        step_before_update = state.step
+        state, loss = denoising_step(
+            state, eps_fn, schedule, optimizer, frames, classes, mask.reshape(-1).astype(jnp.float32), key_loss,
+            ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=k, axis_name=axis_name,
         )
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        loss, grads = psum_if((loss, grads), axis_name)
-        state_before_update_step = state.step
-        state = gradient_update(state, grads, optimizer, ema_decay)
 
         if config.counts_from == "sampled":
             counts = jax.vmap(hmm.path_counts, (0, None, 0))(states, k, mask)
@@ -127,7 +121,7 @@ def make_train_step(
             "loss": loss,
             "log_marginal": pmean_if(jnp.mean(log_marginal), axis_name),
             "class_usage": usage / jnp.maximum(jnp.sum(usage), 1.0),
-            "temperature": temperature_at(config, state_before_update_step),
+            "temperature": temperature_at(config, step_before_update),
         }
         return state, metrics
 

@@ -24,10 +24,9 @@ from hmdm_jax.em import (
     EMConfig,
     EpsFn,
     accumulate_counts,
-    denoising_loss,
+    denoising_step,
     evaluation_config,
     frame_keys,
-    gradient_update,
     posterior_entropy,
     pmean_if,
     psum_if,
@@ -85,15 +84,10 @@ def make_train_step(
         log_post = class_posterior(log_b, state.log_pi, labels)
         classes = jax.vmap(jax.random.categorical)(frame_keys(key_sample, batch_size, axis_name), log_post)
 
-        weights = jnp.ones((batch_size,), jnp.float32)
-        normalizer = psum_if(jnp.sum(weights), axis_name)
-        loss_keys = frame_keys(key_loss, batch_size, axis_name)
-        loss_fn = lambda p: denoising_loss(
-            eps_fn, p, schedule, y, classes, loss_keys, weights, normalizer, config.label_dropout, k
+        state, loss = denoising_step(
+            state, eps_fn, schedule, optimizer, y, classes, jnp.ones((batch_size,), jnp.float32), key_loss,
+            ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=k, axis_name=axis_name,
         )
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        loss, grads = psum_if((loss, grads), axis_name)
-        state = gradient_update(state, grads, optimizer, ema_decay)
 
         counts = psum_if(jnp.sum(jax.nn.one_hot(classes, k), axis=0), axis_name)
         state = accumulate_counts(config, state, counts, jnp.zeros((k, k), jnp.float32))
@@ -126,16 +120,11 @@ def make_supervised_step(
 
     def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
         y, labels = batch["images"], batch["labels"]
-        batch_size = y.shape[0]
-        weights = jnp.ones((batch_size,), jnp.float32)
-        normalizer = psum_if(jnp.sum(weights), axis_name)
-        loss_keys = frame_keys(key, batch_size, axis_name)
-        loss_fn = lambda p: denoising_loss(
-            eps_fn, p, schedule, y, labels, loss_keys, weights, normalizer, label_dropout, num_classes
+        state, loss = denoising_step(
+            state, eps_fn, schedule, optimizer, y, labels, jnp.ones((y.shape[0],), jnp.float32), key,
+            ema_decay=ema_decay, label_dropout=label_dropout, null_class=num_classes, axis_name=axis_name,
         )
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        loss, grads = psum_if((loss, grads), axis_name)
-        return gradient_update(state, grads, optimizer, ema_decay), {"loss": loss}
+        return state, {"loss": loss}
 
     return train_step
 

@@ -178,7 +178,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
     """
     event_shape = tuple(int(d) for d in event_shape)
     sequences = model_type == "hmdm"
-    em_config = em.EMConfig(num_classes=num_classes)
+    # HMDM scores one t-draw per frame and step (its chain pools neighbouring frames; see EMConfig.num_t)
+    em_config = em.EMConfig(num_classes=num_classes, num_t=1 if sequences else 2)
     if name == "cpu-small":
         # width 256, depth 3: ≈ 4× cheaper than the "mlp" preset per frame, as accurate on 8×8 digits
         network = dataclasses.replace(models.get_model_config("mlp"), mlp_width=256, mlp_depth=3)

@@ -12,6 +12,7 @@ The mixture pipeline and the ablations end to end are marked slow (each adds its
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -118,6 +119,23 @@ def test_decode_hmdm_ragged(hmdm_run, tmp_path):
     assert np.allclose(r["marginals"][mask].sum(-1), 1.0, atol=1e-4) and np.allclose(r["marginals"][~mask], 0.0)
 
 
+def test_mixture_script_holds_out_the_hmdm_image_pool(tmp_path):
+    """--heldout-fraction trains on one pool and scores the other: the pools of experiments/hmdm.py."""
+    digits = hdata.load_digits()
+    path = tmp_path / "digits40.npz"
+    np.savez(path, images=(digits.images[:40, :, :, 0] + 1.0) / 2.0, labels=digits.labels[:40], num_classes=K)
+    results = mixture_experiment.main(["--data", f"npz:{path}", "--workdir", str(tmp_path / "run"), "--no-figures",
+                                       "--heldout-fraction", "0.25", "--seed", "3", *tiny("loop.batch_size=8")])
+    pools = hdata.split_images(hdata.load_source(f"npz:{path}"), 0.25, 3)
+    record = dict(json.loads((tmp_path / "run" / "config.json").read_text())["data"])
+    n_held = len(pools.heldout.images)
+    assert 0 < n_held < 40 and record["num_images"] == len(pools.train.images) == 40 - n_held
+    assert record["heldout_fraction"] == 0.25
+    assert finite_in_unit(results["heldout_accuracy"]) and finite_in_unit(results["heldout_accuracy_train_matching"])
+    # each held-out image is scored once: Hungarian accuracy is a multiple of 1/n_held
+    assert results["heldout_accuracy"] * n_held == pytest.approx(round(results["heldout_accuracy"] * n_held))
+
+
 @pytest.mark.slow
 def test_evaluate_and_decode_mixture(mixture_run, tmp_path):
     workdir, npz, results = mixture_run
@@ -167,10 +185,12 @@ def test_ablation_rows_are_the_documented_configs():
     assert rows["paper_last_decoder"].em == em.EMConfig.paper(K, estimator="last_decoder")
     assert rows["paper_multi_t"].em.estimator == "multi_t" and rows["paper_multi_t"].em.num_t > 1
     assert rows["paper_elbo"].em.estimator == "elbo" and rows["paper_elbo"].em.num_t == 10
-    assert rows["untempered"].em == em.EMConfig(K, temperature=1.0)
-    assert rows["default"].em == em.EMConfig(K) and rows["default"].loop.warm_start == "kmeans"
+    preset_em = em.EMConfig(K, num_t=1)  # the HMDM preset's E-step
+    assert base.em == preset_em
+    assert rows["untempered"].em == dataclasses.replace(preset_em, temperature=1.0)
+    assert rows["default"].em == preset_em and rows["default"].loop.warm_start == "kmeans"
     assert rows["default_no_warm_start"].loop.warm_start == "none"
-    assert rows["finetune"].loop.warm_start == "none" and rows["finetune"].em == em.EMConfig(K)
+    assert rows["finetune"].loop.warm_start == "none" and rows["finetune"].em == preset_em
 
 
 @pytest.mark.slow
