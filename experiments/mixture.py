@@ -50,6 +50,7 @@ def main(argv=None):
     data = htrain.TrainData(images.images, images.labels, observed)
     with common.Timer() as timer:
         result = htrain.train(config, data, workdir, resume=args.resume, progress=not args.no_progress)
+    config = result.config  # as trained (the scoring band may have been chosen)
     pred = htrain.predict_states(config, result.parts, result.state, images.images, None,
                                  num_t=config.loop.final_num_t, batch_size=256)["states"]
     labelled = images.labels >= 0

@@ -171,6 +171,65 @@ def score_classes(
     return jax.lax.stop_gradient(log_b) / temperature_at(config, step)
 
 
+CANDIDATE_BANDS = ((0.01, 0.05), (0.02, 0.1), (0.05, 0.2), (0.1, 0.3), (0.2, 0.4), (0.3, 0.6), (0.5, 0.8))
+
+
+def band_agreement(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    y: Array,
+    assignment: Array,
+    key: Array,
+    bands=CANDIDATE_BANDS,
+) -> Array:
+    """For each scoring band, the fraction of frames whose one-draw ε-MSE argmax is their assigned class.
+
+    The label-free criterion for the scoring band (``t_range``) of :func:`select_t_range`: a network
+    trained on an assignment (the k-means warm start, or the current EM states) can only reproduce it
+    from one draw where the class signal of the score exceeds its noise. At small t the network denoises
+    without looking at the class (no signal); at large t one draw of ε dominates (noise).
+
+    Args:
+      config: the E-step options (its estimator, band and draws are replaced: eps_mse, one draw).
+      y: ``[B, *event]`` frames; assignment: ``[B]`` int32 their classes in 0..K−1 (no labels needed).
+      bands: candidate (lo, hi) fractions of T.
+
+    Returns:
+      ``[len(bands)]`` float32 agreement in [0, 1] (chance is about 1/K).
+    """
+    keys = frame_keys(key, y.shape[0])
+
+    def agreement(band):
+        band_config = dataclasses.replace(config, estimator="eps_mse", num_t=1, t_range=band)
+        log_b = score_classes(band_config, eps_fn, params, schedule, y, keys, FINAL_STEP)
+        return jnp.mean(jnp.argmax(log_b, axis=-1) == assignment)
+
+    return jnp.stack([agreement(tuple(band)) for band in bands])  # a few bands: unrolled at trace time
+
+
+def select_t_range(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    y: Array,
+    assignment: Array,
+    key: Array,
+    bands=CANDIDATE_BANDS,
+) -> tuple[tuple[float, float], Array]:
+    """The candidate band with the highest :func:`band_agreement`, and all the agreements.
+
+    Uses no labels: ``assignment`` is whatever partition the network was trained on. Ties go to the
+    first band. Returns ``((lo, hi), agreements [len(bands)])``.
+    """
+    scores = jax.jit(band_agreement, static_argnums=(0, 1), static_argnames="bands")(
+        config, eps_fn, params, schedule, y, assignment, key, bands=tuple(tuple(b) for b in bands)
+    )
+    return tuple(bands[int(jnp.argmax(scores))]), scores
+
+
 def frame_keys(key: Array, batch_size: int, axis_name: str | None = None) -> Array:
     """``[B]`` per-frame keys ``fold_in(key, global frame index)``.
 

@@ -56,8 +56,8 @@ w_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) (so that KL_t = w_t ‖ε − ε_θ
     likelihood: it drops everything class-independent *and* reweights the t-terms, so use it for
     class posteriors, not for NLL. ``t_range=None`` is the middle band
     (round(0.3 T), round(0.6 T)) — (300, 600) for T = 1000 — which was the measured best on digits
-    (0.85 with 1 draw, vs 0.64 over the full range; 0.92 with 64 full-range draws); elsewhere in the
-    project the band is chosen without labels by an automatic procedure and passed in as t_range.
+    (0.85 with 1 draw, vs 0.64 over the full range; 0.92 with 64 full-range draws). A band can also
+    be chosen without labels: ``em.select_t_range`` (``loop.select_t_range`` in the training loop).
     ``decoder`` and ``variance`` are ignored. The training defaults that work: eps_mse, num_t = 1 (HMDM) or 2 (mixture),
     tempered posterior with temperature 0.1–0.2 (``scale`` = 5–10).
 

@@ -68,6 +68,10 @@ class LoopConfig:
       reseed_min_usage: the dead-state threshold, as a fraction of the uniform usage 1/K.
       reseed_steps: how long the re-seeded assignment stays clamped.
       reseed_num_t: t-draws per frame when decoding for the re-seed check.
+      select_t_range: at the end of the warm start, replace ``em.t_range`` by the candidate band
+        (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment
+        (:func:`em.select_t_range`; no labels). The choice is saved with the checkpoints.
+      select_frames: training frames (a fixed random subset) scored for that choice.
     """
 
     num_steps: int = 3000
@@ -86,6 +90,8 @@ class LoopConfig:
     reseed_min_usage: float = 0.5
     reseed_steps: int = 250
     reseed_num_t: int = 4
+    select_t_range: bool = False
+    select_frames: int = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +343,7 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
 
 
 RESEED_KEY = 0x5EED  # folded into the run's key for the re-seed decoding (independent of training draws)
+SELECT_KEY = 0x5E1EC7  # likewise for the scoring-band choice
 
 
 def reseed_dead_states(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData,
@@ -371,6 +378,30 @@ def reseed_dead_states(config: RunConfig, parts: RunParts, state: TrainState, da
         current[members] = np.where(halves == halves[0], largest, d)
         touched |= members
     return np.where(touched, current, clamped).astype(np.int32)
+
+
+def with_t_range(config: RunConfig, band) -> RunConfig:
+    """``config`` with the E-step scoring band ``em.t_range = band``."""
+    return dataclasses.replace(config, em=dataclasses.replace(config.em, t_range=tuple(float(b) for b in band)))
+
+
+def choose_t_range(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData,
+                   assignment: np.ndarray) -> tuple[tuple[float, float], list[float]]:
+    """The label-free scoring band (:func:`em.select_t_range`) on a fixed random subset of the valid
+    training frames and their current ``assignment`` (the warm-start labels; frames with −1 are skipped).
+
+    Returns ``(band, agreement per em.CANDIDATE_BANDS)``.
+    """
+    valid = (assignment >= 0) & (np.ones(assignment.shape, bool) if data.mask is None else data.mask)
+    frames, classes = data.images[valid], assignment[valid]
+    if len(frames) == 0:
+        raise ValueError("loop.select_t_range needs an assignment of the training frames: use warm_start='kmeans'")
+    rng = np.random.default_rng([config.seed, SELECT_KEY])
+    take = np.sort(rng.permutation(len(frames))[: config.loop.select_frames])
+    params = state.ema_params if config.em.score_with_ema else state.params
+    band, agreement = em.select_t_range(config.em, parts.eps_fn, params, parts.schedule, jnp.asarray(frames[take]),
+                                        jnp.asarray(classes[take], jnp.int32), jax.random.fold_in(state.key, SELECT_KEY))
+    return band, [float(a) for a in np.asarray(agreement)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,11 +502,13 @@ def transition_error(learned_A: np.ndarray, true_A: np.ndarray, mapping) -> floa
 
 
 class TrainResult(NamedTuple):
-    """What :func:`train` returns: the final state, the last evaluation, the run's static parts."""
+    """What :func:`train` returns: the final state, the last evaluation, the run's static parts, and the
+    config as trained (``em.t_range`` as chosen when ``loop.select_t_range``; decode with this one)."""
 
     state: TrainState
     evaluation: dict
     parts: RunParts
+    config: RunConfig
 
 
 def _jsonable(d: dict) -> dict:
@@ -521,13 +554,20 @@ def train(
         state = create_train_state(state.key, init_params, parts.optimizer, config.em.num_classes, config=config)
     ckpt = checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=config.loop.keep_checkpoints,
                                         save_every=config.loop.checkpoint_every or 10**12)
-    reseed = None
+    reseed, band = None, None
     if resume:
         state, restored_metadata = ckpt.restore(state)
         reseed = restored_metadata.get("reseed")
+        if restored_metadata.get("t_range") is not None:
+            band = tuple(restored_metadata["t_range"])
+            config = with_t_range(config, band)
+            state = state.replace(config=config)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     labels = training_labels(config, data)
+    if config.loop.select_t_range and band is None and not (labels[0] >= 0).any():
+        raise ValueError("loop.select_t_range chooses the band from the warm-start assignment: set "
+                         "loop.warm_start='kmeans' (or observe some labels)")
     mesh = parallel.data_mesh() if len(jax.devices()) > 1 else None
     step_fn = make_step(config, parts, mesh)
     fused = config.loop.steps_per_call
@@ -585,25 +625,41 @@ def train(
                     if revived is not None:
                         reseed = {"until": step + config.loop.reseed_steps, "labels": revived.reshape(-1).tolist()}
                         tqdm.write(f"step {step}: re-seeding dead states (clamped until step {reseed['until']})")
-                ckpt.save(state, metadata=_metadata(last_eval, reseed))
+                if (config.loop.select_t_range and band is None
+                        and prev < max(config.loop.warm_start_steps, 1) <= step):
+                    band, agreement = choose_t_range(config, parts, state, data, labels[0])
+                    config = with_t_range(config, band)
+                    state = state.replace(config=config)
+                    step_fn = make_step(config, parts, mesh)
+                    single_fn = step_fn if fused == 1 else make_step(
+                        dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps_per_call=1)), parts, mesh)
+                    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+                    metrics_file.write(json.dumps({"step": step, "t_range": list(band),
+                                                   "band_agreement": dict(zip(map(str, em.CANDIDATE_BANDS), agreement))}) + "\n")
+                    tqdm.write(f"step {step}: scoring band t_range = {band} (agreement "
+                               + ", ".join(f"{b}: {a:.3f}" for b, a in zip(em.CANDIDATE_BANDS, agreement)) + ")")
+                ckpt.save(state, metadata=_metadata(last_eval, reseed, band))
                 # Multi-host: every process must stop at the same step, which JAX's preemption sync decides.
                 if ckpt.reached_preemption(step) if jax.process_count() > 1 else guard.should_stop:
                     tqdm.write(f"stop requested at step {step}: saving a checkpoint and exiting")
                     break
-            ckpt.save(state, metadata=_metadata(last_eval, reseed), force=True)
+            ckpt.save(state, metadata=_metadata(last_eval, reseed, band), force=True)
     finally:
         bar.close()
         metrics_file.close()
         ckpt.wait()
         ckpt.close()
-    return TrainResult(state, last_eval, parts)
+    return TrainResult(state, last_eval, parts, config)
 
 
-def _metadata(evaluation: dict, reseed: dict | None) -> dict:
-    """Checkpoint metadata: the state-to-label matching (when known) and an active re-seed clamp."""
+def _metadata(evaluation: dict, reseed: dict | None, band: tuple | None = None) -> dict:
+    """Checkpoint metadata: the state-to-label matching (when known), an active re-seed clamp, and the
+    scoring band chosen by ``loop.select_t_range``."""
     out = {"matching": evaluation["matching"]} if "matching" in evaluation else {}
     if reseed is not None:
         out["reseed"] = reseed
+    if band is not None:
+        out["t_range"] = list(band)
     return out
 
 

@@ -5,6 +5,7 @@ the blobs and HMDM must find the blobs and the transition matrix; these are the 
 bars. The score band is set low (2–20% of T) as RESULTS.md recommends for low-dimensional data.
 """
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,8 @@ def blob_config(model_type, steps, batch_size, **loop):
         em.EMConfig(num_classes=K, t_range=(0.02, 0.2)), (2,),
         optim=ht.OptimConfig(learning_rate=2e-3, warmup_steps=50),
         diffusion=ht.DiffusionConfig(num_steps=200),
-        loop=ht.LoopConfig(num_steps=steps, batch_size=batch_size, warm_start="none", eval_every=0,
-                           checkpoint_every=0, log_every=50, **loop),
+        loop=ht.LoopConfig(**{**dict(num_steps=steps, batch_size=batch_size, warm_start="none", eval_every=0,
+                                     checkpoint_every=0, log_every=50), **loop}),
     )
 
 
@@ -223,6 +224,33 @@ def test_resume_is_bit_exact(tmp_path, model_type):
     assert any(moved)  # the second half did train
 
 
+def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path):
+    """loop.select_t_range: the band chosen at the end of the k-means warm start is the argmax of the
+    agreement written to metrics.jsonl, is in the checkpoint's config, and a resumed run keeps it."""
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, K, 64).astype(np.int32)
+    data = ht.TrainData(blobs(rng, labels), labels, np.zeros(64, bool))
+    config = blob_config("mixture", 12, 16, warm_start="kmeans", warm_start_steps=4, select_t_range=True,
+                         select_frames=48, checkpoint_every=3)
+    whole = ht.train(config, data, tmp_path / "whole", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    (choice,) = [r for r in records if "t_range" in r]
+    agreement = list(choice["band_agreement"].values())
+    assert choice["step"] == 4 and tuple(choice["t_range"]) == em.CANDIDATE_BANDS[int(np.argmax(agreement))]
+    assert whole.config.em.t_range == tuple(choice["t_range"])
+    assert tuple(ht.load_run(tmp_path / "whole")[0].em.t_range) == whole.config.em.t_range
+
+    ht.train(config, data, tmp_path / "split", progress=False, stop_after=6)
+    resumed = ht.train(config, data, tmp_path / "split", progress=False, resume=True)
+    assert resumed.config.em.t_range == whole.config.em.t_range
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    no_assignment = blob_config("mixture", 12, 16, select_t_range=True)  # warm_start="none"
+    with pytest.raises(ValueError, match="select_t_range"):
+        ht.train(no_assignment, data, tmp_path / "none", progress=False)
+
+
 def test_overrides_name_unknown_fields():
     config = blob_config("mixture", 10, 8)
     changed = ht.apply_overrides(config, ["em.temperature=0.3", "loop.num_steps=7", "em.t_range=[0.1, 0.4]"])
@@ -251,3 +279,39 @@ def test_reseed_revives_dead_states_and_keeps_observed_labels():
     np.testing.assert_array_equal(clamp[:5], 2)
     assigned = np.where(clamp >= 0, clamp, decoded)
     assert np.bincount(assigned, minlength=K).min() >= 0.5 * 256 / K
+
+
+# ------------------------------------------------------------------------------------------ scoring band
+
+
+def gaussian_oracle_eps_fn(schedule, spread):
+    """The exact E[ε | z_t, k] of Gaussian classes N(μ_k, spread² I) at ``params [K, D]``."""
+
+    def eps_fn(params, z, t, k):
+        ab = diffusion.alpha_bar(schedule, t)[:, None]
+        return jnp.sqrt(1.0 - ab) * (z - jnp.sqrt(ab) * params[k]) / (ab * spread**2 + 1.0 - ab)
+
+    return eps_fn
+
+
+def test_band_agreement_is_one_draw_accuracy_and_selects_the_informative_band():
+    schedule, spread = diffusion.linear_schedule(200), 0.3
+    rng = np.random.default_rng(0)
+    labels = np.arange(600) % K
+    y = jnp.asarray(blobs(rng, labels, spread))
+    eps_fn, params = gaussian_oracle_eps_fn(schedule, spread), jnp.asarray(CENTERS)
+    config = em.EMConfig(num_classes=K)
+    bands = ((0.01, 0.05), (0.3, 0.6), (0.7, 1.0))
+    key = jax.random.PRNGKey(1)
+    agreement = np.asarray(em.band_agreement(config, eps_fn, params, schedule, y, jnp.asarray(labels), key, bands))
+    # brute force: one eps_mse draw per frame on the band's integer steps, keys as in the training step
+    for band, value in zip(bands, agreement):
+        t_range = (max(1, round(band[0] * 200)), round(band[1] * 200))
+        log_b = emission.log_emission(eps_fn, params, schedule, y, em.frame_keys(key, len(labels)), K,
+                                      estimator="eps_mse", num_t=1, t_range=t_range)
+        assert value == pytest.approx(np.mean(np.argmax(np.asarray(log_b), 1) == labels), abs=1e-6)
+    # overlapping classes (spread 0.3): at t ≤ 5% of T one draw's noise on the few-pixel difference
+    # between the classes' ε dominates; in the middle the exact ε separates them
+    assert agreement[0] < 0.7 and agreement[1] > 0.95
+    best, scores = em.select_t_range(config, eps_fn, params, schedule, y, jnp.asarray(labels), key, bands)
+    assert best == bands[int(np.argmax(agreement))] != bands[0] and np.allclose(scores, agreement)
