@@ -15,7 +15,7 @@ and frames, each jitted, compilation excluded (a warm-up call), every call ended
 * ``plain step``: the supervised step on the same B·n frames with random labels;
 * ``K fwd``: K forward passes ``eps_fn(params, z [B·n, *event], t, k)``, one per class (vmap over k);
 * ``K·num_t fwd``: the same on num_t noisy copies of each frame, the network work of the default
-  ``eps_mse`` emission (``config.em.num_t`` t-draws per frame, 1 by default);
+  ``eps_mse`` emission (``config.em.num_t`` t-draws per frame, 1 in the HMDM presets);
 * ``score_classes``: the step's emission pass alone (network + draws + reduction);
 * ``ffbs``: the step's HMM pass alone (vmap over B of ``hmm.ffbs`` on [n, K] emissions).
 
