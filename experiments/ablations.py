@@ -8,7 +8,7 @@
       paper_last_decoder     the paper's E-step, always the last decoder (t = 1).
       paper_multi_t          the paper's E-step averaged over 8 t-draws.
       paper_elbo             the paper's E-step with a 10-term grid ELBO as the emission.
-      untempered             the default scorer (ε-MSE, 2 draws, mid band) with temperature 1.
+      untempered             the default scorer (ε-MSE, the preset's draws, mid band) with temperature 1.
       default                the project's default: the same, tempered (temperature 0.15).
       default_no_warm_start  the default without the k-means warm start (random initialisation).
 (b) Initialisation.
