@@ -317,8 +317,15 @@ def training_labels(config: RunConfig, data: TrainData) -> np.ndarray:
         raise ValueError(f"unknown warm_start {config.loop.warm_start!r}; expected 'kmeans' or 'none'")
     valid = np.ones(data.labels.shape, bool) if data.mask is None else data.mask
     frames = data.images[valid]
+    k = config.em.num_classes
     km = np.full(data.labels.shape, -1, np.int32)
-    km[valid] = warm_start.kmeans_labels(frames, config.em.num_classes, seed=config.seed)
+    km[valid] = warm_start.kmeans_labels(frames, k, seed=config.seed)
+    observed = valid & (clamped >= 0)
+    if observed.any():
+        # Observed labels clamp state k to label k: renumber the clusters to match them (one-to-one on the
+        # observed frames), otherwise the warm start trains each state on one cluster and one label.
+        mapping = acc_metrics.best_matching(clamped[observed], km[observed], k, k)
+        km[valid] = mapping[km[valid]]
     return np.stack([np.where(clamped >= 0, clamped, km), clamped])
 
 

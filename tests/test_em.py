@@ -251,6 +251,23 @@ def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path):
         ht.train(no_assignment, data, tmp_path / "none", progress=False)
 
 
+def test_warm_start_clusters_are_numbered_as_the_observed_labels():
+    """With observed labels, state k means label k: the k-means warm start must use the same numbering.
+    Two relabellings of the same images: k-means sees the same pixels, so only a renumbering that follows
+    the observed labels can agree with both."""
+    rng = np.random.default_rng(4)
+    blob_of = rng.integers(0, K, 300)
+    images = blobs(rng, blob_of)
+    observed = rng.random(300) < 0.1
+    config = blob_config("mixture", 10, 8, warm_start="kmeans")
+    for perm in ([0, 1, 2], [2, 0, 1]):
+        labels = np.asarray(perm)[blob_of].astype(np.int32)
+        warm, after = ht.training_labels(config, ht.TrainData(images, labels, observed))
+        np.testing.assert_array_equal(warm[observed], labels[observed])
+        np.testing.assert_array_equal(after, np.where(observed, labels, -1))
+        assert np.mean(warm[~observed] == labels[~observed]) > 0.95
+
+
 def test_overrides_name_unknown_fields():
     config = blob_config("mixture", 10, 8)
     changed = ht.apply_overrides(config, ["em.temperature=0.3", "loop.num_steps=7", "em.t_range=[0.1, 0.4]"])
