@@ -70,7 +70,8 @@ class LoopConfig:
       reseed_num_t: t-draws per frame when decoding for the re-seed check.
       select_t_range: at the end of the warm start, replace ``em.t_range`` by the candidate band
         (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment
-        (:func:`em.select_t_range`; no labels). The choice is saved with the checkpoints.
+        (:func:`em.select_t_range`; no labels). The choice is saved with the checkpoints. Off by default:
+        on digits it chose a worse band than the default (see :func:`em.select_t_range`).
       select_frames: training frames (a fixed random subset) scored for that choice.
     """
 
