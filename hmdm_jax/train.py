@@ -68,6 +68,11 @@ class LoopConfig:
       reseed_min_usage: the dead-state threshold, as a fraction of the uniform usage 1/K.
       reseed_steps: how long the re-seeded assignment stays clamped.
       reseed_num_t: t-draws per frame when decoding for the re-seed check.
+      hard_estep_every: every this many steps after the warm start, decode all training frames with
+        ``hard_estep_num_t`` draws and clamp the decoded classes (observed labels kept) until the next
+        one: a periodic full-data hard E-step between stretches of training on a fixed assignment
+        (0 disables; the online stochastic E-step then runs on every batch).
+      hard_estep_num_t: t-draws per frame for that decoding.
       select_t_range: at the end of the warm start, replace ``em.t_range`` by the candidate band
         (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment
         (:func:`em.select_t_range`; no labels). The choice is saved with the checkpoints. Off by default:
@@ -91,6 +96,8 @@ class LoopConfig:
     reseed_min_usage: float = 0.5
     reseed_steps: int = 250
     reseed_num_t: int = 4
+    hard_estep_every: int = 0
+    hard_estep_num_t: int = 16
     select_t_range: bool = False
     select_frames: int = 2048
 
@@ -352,6 +359,7 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
 
 RESEED_KEY = 0x5EED  # folded into the run's key for the re-seed decoding (independent of training draws)
 SELECT_KEY = 0x5E1EC7  # likewise for the scoring-band choice
+HARD_ESTEP_KEY = 0xE57E9  # likewise for the periodic hard E-step
 
 
 def reseed_dead_states(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData,
@@ -626,12 +634,24 @@ def train(
                     metrics_file.flush()
                     if progress:
                         tqdm.write(_eval_line(step, last_eval))
+                hard = config.loop.hard_estep_every
+                if hard and step // hard > prev // hard and step >= config.loop.warm_start_steps and step < end_of_run:
+                    decoded = predict_states(config, parts, state, data.images, data.mask,
+                                             num_t=config.loop.hard_estep_num_t, batch_size=config.loop.eval_batch_size,
+                                             key=jax.random.fold_in(state.key, HARD_ESTEP_KEY))["states"]
+                    assigned = np.where(labels[1] >= 0, labels[1], decoded).astype(np.int32)
+                    reseed = {"until": step + hard, "labels": assigned.reshape(-1).tolist()}
                 every = config.loop.reseed_every
                 if (every and step // every > prev // every and step >= config.loop.warm_start_steps
                         and step + config.loop.reseed_steps < end_of_run):
                     revived = reseed_dead_states(config, parts, state, data, labels[1])
                     if revived is not None:
-                        reseed = {"until": step + config.loop.reseed_steps, "labels": revived.reshape(-1).tolist()}
+                        until = step + config.loop.reseed_steps
+                        if hard and reseed is not None and step < reseed["until"]:
+                            # keep the hard E-step's assignment outside the re-seeded frames
+                            assigned = np.asarray(reseed["labels"], np.int32).reshape(revived.shape)
+                            revived, until = np.where(revived >= 0, revived, assigned), max(until, reseed["until"])
+                        reseed = {"until": until, "labels": revived.reshape(-1).tolist()}
                         tqdm.write(f"step {step}: re-seeding dead states (clamped until step {reseed['until']})")
                 if (config.loop.select_t_range and band is None
                         and prev < max(config.loop.warm_start_steps, 1) <= step):

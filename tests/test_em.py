@@ -268,6 +268,32 @@ def test_warm_start_clusters_are_numbered_as_the_observed_labels():
         assert np.mean(warm[~observed] == labels[~observed]) > 0.95
 
 
+def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, K, 64).astype(np.int32)
+    observed = rng.random(64) < 0.25
+    data = ht.TrainData(blobs(rng, labels), labels, observed)
+    config = blob_config("mixture", 12, 16, warm_start="kmeans", warm_start_steps=4, hard_estep_every=4,
+                         hard_estep_num_t=2, reseed_every=0, checkpoint_every=4)
+    whole = ht.train(config, data, tmp_path / "whole", progress=False)
+    metadata = ht.load_run(tmp_path / "whole")[3]
+    assigned = np.asarray(metadata["reseed"]["labels"])
+    assert metadata["reseed"]["until"] == 12  # E-steps at steps 4 and 8 (none at the end of the run)
+    assert assigned.shape == (64,) and np.all((assigned >= 0) & (assigned < K))
+    np.testing.assert_array_equal(assigned[observed], labels[observed])
+    # the clamp is exactly the decoding of the training frames by the step-8 state (observed labels aside)
+    _, parts, state8, _ = ht.load_run(tmp_path / "whole", step=8)
+    decoded = ht.predict_states(config, parts, state8, data.images, None, num_t=2,
+                                batch_size=config.loop.eval_batch_size,
+                                key=jax.random.fold_in(state8.key, ht.HARD_ESTEP_KEY))["states"]
+    np.testing.assert_array_equal(assigned[~observed], decoded[~observed])
+
+    ht.train(config, data, tmp_path / "split", progress=False, stop_after=6)  # inside the first clamp
+    resumed = ht.train(config, data, tmp_path / "split", progress=False, resume=True)
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_overrides_name_unknown_fields():
     config = blob_config("mixture", 10, 8)
     changed = ht.apply_overrides(config, ["em.temperature=0.3", "loop.num_steps=7", "em.t_range=[0.1, 0.4]"])
