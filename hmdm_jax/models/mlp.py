@@ -6,8 +6,8 @@ blocks adds ``Dense(SiLU(emb))`` again, so the conditioning reaches every layer:
 * residual:  ``h ← h + Dense(dropout(SiLU(Dense(LN(h)) + Dense(SiLU(emb)))))``
 * plain:     ``h ← dropout(SiLU(Dense(h) + Dense(SiLU(emb))))``
 
-and the output is ``Dense_D(SiLU(LN(h)))`` (zero-initialised by default). Any event shape is
-flattened to ``D = prod(event)`` and reshaped back.
+and the output is ``Dense_D(SiLU(LN(h)))`` (zero-initialised by default), plus ``W z_t`` with
+``mlp_input_skip``. Any event shape is flattened to ``D = prod(event)`` and reshaped back.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class MLP(nn.Module):
         emb = ConditioningEmbedding(cfg.embed_dim, self.num_classes, name="cond")(t, k)
         emb = nn.silu(emb)
 
-        h = nn.Dense(width, name="in_proj")(z_t.reshape(shape[0], dim).astype(jnp.float32))
+        flat = z_t.reshape(shape[0], dim).astype(jnp.float32)
+        h = nn.Dense(width, name="in_proj")(flat)
         h = h + nn.Dense(width, name="emb_in")(emb)
         for i in range(cfg.mlp_depth):
             if cfg.mlp_residual:
@@ -77,4 +78,6 @@ class MLP(nn.Module):
         kernel_init = (nn.initializers.zeros if cfg.zero_init_output
                        else nn.initializers.lecun_normal())
         out = nn.Dense(dim, kernel_init=kernel_init, name="out_proj")(h)
+        if cfg.mlp_input_skip:  # class-independent: under a vmap over k it is computed once
+            out = out + nn.Dense(dim, kernel_init=kernel_init, use_bias=False, name="input_skip")(flat)
         return out.reshape(shape)
