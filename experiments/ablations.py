@@ -379,6 +379,9 @@ def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path,
         result = htrain.train(config, data.train, row_dir, heldout=data.heldout, true_A=data.true_A, resume=resume,
                               progress=not args.no_progress,
                               init_params=pretrained_params if row.kind == "finetune" else None)
+        if result.stopped_early:  # Ctrl-C/SIGTERM: the row's checkpoint is saved; rerunning resumes it
+            common.stopped(row_dir, result)
+            raise SystemExit(0)
         state, parts, config = result.state, result.parts, result.config
     train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -95,6 +95,14 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def stopped(workdir: Path, result) -> dict:
+    """After Ctrl-C/SIGTERM: the checkpoint is saved; skip evaluation and say how to continue."""
+    step = int(result.state.step)
+    print(f"stopped at step {step}; checkpoint saved in {Path(workdir) / 'checkpoints'}. "
+          f"Continue with the same command and --resume.", flush=True)
+    return {"stopped_early": True, "steps": step}
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

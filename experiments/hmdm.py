@@ -81,6 +81,8 @@ def main(argv=None):
         result = htrain.train(config, train_data, workdir, heldout=held_data, resume=args.resume, true_A=true_A,
                               progress=not args.no_progress)
     config = result.config  # as trained (the scoring band may have been chosen)
+    if result.stopped_early:
+        return common.stopped(workdir, result)
     with common.Timer() as eval_timer:
         ev = htrain.evaluate(config, result.parts, result.state, train_data, held_data,
                              num_t=config.loop.final_num_t, true_A=true_A)

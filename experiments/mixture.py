@@ -51,6 +51,8 @@ def main(argv=None):
     with common.Timer() as timer:
         result = htrain.train(config, data, workdir, resume=args.resume, progress=not args.no_progress)
     config = result.config  # as trained (the scoring band may have been chosen)
+    if result.stopped_early:
+        return common.stopped(workdir, result)
     pred = htrain.predict_states(config, result.parts, result.state, images.images, None,
                                  num_t=config.loop.final_num_t, batch_size=256)["states"]
     labelled = images.labels >= 0

@@ -530,6 +530,7 @@ class TrainResult(NamedTuple):
     evaluation: dict
     parts: RunParts
     config: RunConfig
+    stopped_early: bool = False  # a SIGTERM/Ctrl-C (or preemption) ended the loop before num_steps
 
 
 def _jsonable(d: dict) -> dict:
@@ -608,6 +609,7 @@ def train(
     bar = tqdm(total=end - start, initial=0, disable=not progress, desc=config.model_type, unit="step")
     frames_per_step = config.loop.batch_size * (1 if data.mask is None else data.images.shape[1])
     t_last, step_last = time.perf_counter(), start
+    stopped_early = False
     try:
         with checkpoint.PreemptionGuard() as guard:
             step = start
@@ -675,6 +677,7 @@ def train(
                 # Multi-host: every process must stop at the same step, which JAX's preemption sync decides.
                 if ckpt.reached_preemption(step) if jax.process_count() > 1 else guard.should_stop:
                     tqdm.write(f"stop requested at step {step}: saving a checkpoint and exiting")
+                    stopped_early = step < end
                     break
             ckpt.save(state, metadata=_metadata(last_eval, reseed, band), force=True)
     finally:
@@ -682,7 +685,7 @@ def train(
         metrics_file.close()
         ckpt.wait()
         ckpt.close()
-    return TrainResult(state, last_eval, parts, config)
+    return TrainResult(state, last_eval, parts, config, stopped_early)
 
 
 def _metadata(evaluation: dict, reseed: dict | None, band: tuple | None = None) -> dict:

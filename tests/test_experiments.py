@@ -29,8 +29,10 @@ import evaluate  # noqa: E402
 import hmdm as hmdm_experiment  # noqa: E402
 import mixture as mixture_experiment  # noqa: E402
 
+from hmdm_jax import checkpoint  # noqa: E402
 from hmdm_jax import data as hdata  # noqa: E402
 from hmdm_jax import em  # noqa: E402
+from hmdm_jax import train as htrain  # noqa: E402
 
 # As many training as held-out sequences, one batch of them: every decode has the same shape (one compile).
 SEQUENCES = ["--num-sequences", "4", "--heldout-sequences", "4", "--length", "6"]
@@ -117,6 +119,28 @@ def test_decode_hmdm_ragged(hmdm_run, tmp_path):
     assert r["log_joint"].shape == (4,) and np.all(np.isfinite(r["log_joint"]))
     assert r["marginals"].shape == (4, 6, K)
     assert np.allclose(r["marginals"][mask].sum(-1), 1.0, atol=1e-4) and np.allclose(r["marginals"][~mask], 0.0)
+
+
+class _StopAfterFirstStep:
+    """Stands in for checkpoint.PreemptionGuard: as if Ctrl-C arrived during the first step."""
+
+    should_stop, signal_name = True, "SIGINT"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_interrupted_script_saves_and_skips_evaluation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "PreemptionGuard", _StopAfterFirstStep)
+    workdir = tmp_path / "run"
+    out = hmdm_experiment.main(["--workdir", str(workdir), *SEQUENCES, "--no-figures", *tiny()])
+    assert out == {"stopped_early": True, "steps": 1}
+    assert not (workdir / "results.json").exists()
+    assert "--resume" in capsys.readouterr().out
+    assert checkpoint.read_config(workdir / "checkpoints") and htrain.load_run(workdir)[2].step == 1
 
 
 def test_mixture_script_holds_out_the_hmdm_image_pool(tmp_path):
