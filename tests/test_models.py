@@ -470,3 +470,25 @@ def test_slow_eager_matches_jit(kind):
     np.testing.assert_allclose(make_eps_fn(s.model)(s.params, s.z, s.t, s.k),
                                jax.jit(make_eps_fn(s.model))(s.params, s.z, s.t, s.k),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_input_skip_lets_a_narrow_mlp_pass_the_noise_through():
+    """With mlp_input_skip the output is Dense(h) + W z: with the rest zero and W = I the network is the
+    identity, which a width-8 hidden layer alone could not be on 32 values. The cpu-small preset turns
+    the skip on, and scales the temperature with D, only for frames larger than 8×8."""
+    from hmdm_jax import train
+
+    config = dataclasses.replace(get_model_config("mlp-small"), mlp_width=8, mlp_depth=1, mlp_input_skip=True)
+    model = build_model(config, num_classes=3)
+    params = init_params(jax.random.PRNGKey(0), model, (32,))
+    assert params["input_skip"]["kernel"].shape == (32, 32)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.eye(32) if "input_skip" in jax.tree_util.keystr(path) else jnp.zeros_like(p), params)
+    z = jax.random.normal(jax.random.PRNGKey(1), (5, 32))
+    out = make_eps_fn(model)(params, z, jnp.full((5,), 7), jnp.arange(5) % 3)
+    np.testing.assert_allclose(out, z, atol=1e-6)
+
+    digits = train.preset("cpu-small", "hmdm", 10, (8, 8, 1))
+    mnist = train.preset("cpu-small", "hmdm", 10, (28, 28, 1))
+    assert not digits.network.mlp_input_skip and digits.em.temperature == pytest.approx(0.15)
+    assert mnist.network.mlp_input_skip and mnist.em.temperature == pytest.approx(0.15 * 784 / 64)
