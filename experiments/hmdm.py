@@ -7,7 +7,7 @@ pool image of its label. ``npz:PATH`` sequences are used as given (a held-out fr
 Training is unsupervised: labels are used only for evaluation, except a random fraction F of labelled
 training frames (``--observed-labels F``) that is clamped in training.
 
-Example (the README's main job, ≈ 10 minutes on a 2-core CPU):
+Example (the README's main job: 7.5 minutes measured on an otherwise idle 2-core CPU):
   python experiments/hmdm.py --data digits --preset cpu-small --workdir runs/demo
 """
 from __future__ import annotations
