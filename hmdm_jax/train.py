@@ -593,10 +593,8 @@ def train(
         raise ValueError("loop.select_t_range chooses the band from the warm-start assignment: set "
                          "loop.warm_start='kmeans' (or observe some labels)")
     mesh = parallel.data_mesh() if len(jax.devices()) > 1 else None
-    step_fn = make_step(config, parts, mesh)
+    step_fn, single_fn = _step_functions(config, parts, mesh)
     fused = config.loop.steps_per_call
-    unfused = dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps_per_call=1))
-    single_fn = step_fn if fused == 1 else make_step(unfused, parts, mesh)  # for a remainder < fused
     if mesh is not None:
         parallel.check_divisible(config.loop.batch_size, mesh)
     # Several hosts: each passes its share and the global array is assembled over the mesh.
@@ -667,9 +665,7 @@ def train(
                     band, agreement = choose_t_range(config, parts, state, data, labels[0])
                     config = with_t_range(config, band)
                     state = state.replace(config=config)
-                    step_fn = make_step(config, parts, mesh)
-                    single_fn = step_fn if fused == 1 else make_step(
-                        dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps_per_call=1)), parts, mesh)
+                    step_fn, single_fn = _step_functions(config, parts, mesh)
                     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
                     metrics_file.write(json.dumps({"step": step, "t_range": list(band),
                                                    "band_agreement": dict(zip(map(str, em.CANDIDATE_BANDS), agreement))}) + "\n")
@@ -688,6 +684,15 @@ def train(
         ckpt.wait()
         ckpt.close()
     return TrainResult(state, last_eval, parts, config, stopped_early)
+
+
+def _step_functions(config: RunConfig, parts: RunParts, mesh) -> tuple[Callable, Callable]:
+    """The loop's jitted step (``steps_per_call`` fused) and the single step for a remainder."""
+    step_fn = make_step(config, parts, mesh)
+    if config.loop.steps_per_call == 1:
+        return step_fn, step_fn
+    unfused = dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps_per_call=1))
+    return step_fn, make_step(unfused, parts, mesh)
 
 
 def _metadata(evaluation: dict, reseed: dict | None, band: tuple | None = None) -> dict:
