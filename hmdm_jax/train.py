@@ -54,7 +54,8 @@ class LoopConfig:
     Attributes:
       num_steps: optimizer steps.
       batch_size: frames (mixture) or sequences (HMDM) per step, global over all devices.
-      warm_start: "kmeans" (clamp k-means cluster labels for ``warm_start_steps``) or "none".
+      warm_start: "kmeans" (clamp k-means cluster labels for ``warm_start_steps``; seeded by the class
+        means of the observed labels when every class has some) or "none".
       warm_start_steps: length of the warm start.
       steps_per_call: fuse this many steps into one jitted ``lax.scan`` (cuts dispatch on small models).
       log_every, eval_every, checkpoint_every: in steps (0 disables evaluation/checkpoints).
@@ -334,11 +335,13 @@ def training_labels(config: RunConfig, data: TrainData) -> np.ndarray:
     frames = data.images[valid]
     k = config.em.num_classes
     km = np.full(data.labels.shape, -1, np.int32)
-    km[valid] = warm_start.kmeans_labels(frames, k, seed=config.seed)
+    # With observed labels of every class, k-means starts from their class means (seeded k-means)
+    km[valid] = warm_start.kmeans_labels(frames, k, seed=config.seed, seed_labels=clamped[valid])
     observed = valid & (clamped >= 0)
     if observed.any():
         # Observed labels clamp state k to label k: renumber the clusters to match them (one-to-one on the
-        # observed frames), otherwise the warm start trains each state on one cluster and one label.
+        # observed frames), otherwise the warm start trains each state on one cluster and one label. (Seeded
+        # clusters already start numbered so, but k-means may move them, and unseeded ones are arbitrary.)
         mapping = acc_metrics.best_matching(clamped[observed], km[observed], k, k)
         km[valid] = mapping[km[valid]]
     return np.stack([np.where(clamped >= 0, clamped, km), clamped])

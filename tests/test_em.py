@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, models
+from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, models, warm_start
 from hmdm_jax import train as ht
 from hmdm_jax.metrics import accuracy as am
 from hmdm_jax.state import create_train_state
@@ -266,6 +266,27 @@ def test_warm_start_clusters_are_numbered_as_the_observed_labels():
         np.testing.assert_array_equal(warm[observed], labels[observed])
         np.testing.assert_array_equal(after, np.where(observed, labels, -1))
         assert np.mean(warm[~observed] == labels[~observed]) > 0.95
+
+
+def test_seeded_kmeans_follows_the_observed_labels_where_plain_kmeans_does_not():
+    """Two classes, each two blobs: the widest gap (y) separates the blobs by row, the labels by column.
+    Plain k-means takes the lower-inertia row split (accuracy 0.5); seeded from the labelled class means
+    it converges to the column split, numbered as the labels."""
+    rng = np.random.default_rng(3)
+    corner = rng.integers(0, 4, 400)
+    centres = np.array([[0.0, 0.0], [0.0, 12.0], [11.0, 0.0], [11.0, 12.0]])
+    frames = centres[corner] + 0.5 * rng.normal(size=(400, 2))
+    labels = (corner >= 2).astype(np.int32)
+    seed_labels = np.where(rng.random(400) < 0.05, labels, -1)
+    seeded = warm_start.kmeans_labels(frames, 2, pca_dims=None, seed_labels=seed_labels)
+    np.testing.assert_array_equal(seeded, labels)
+    plain = warm_start.kmeans_labels(frames, 2, pca_dims=None)
+    assert 0.4 < np.mean(plain == labels) < 0.6
+    # a class without any labelled frame: seeding is impossible, plain k-means is used
+    unseeded = warm_start.kmeans_labels(frames, 2, pca_dims=None, seed_labels=np.where(labels == 0, seed_labels, -1))
+    np.testing.assert_array_equal(unseeded, plain)
+    with pytest.raises(ValueError, match="one entry per frame"):
+        warm_start.kmeans_labels(frames, 2, seed_labels=seed_labels[:10])
 
 
 def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path):
