@@ -366,7 +366,7 @@ def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path,
     resume = False
     if row_dir.exists():
         same = (row_dir / "config.json").exists() and json.loads((row_dir / "config.json").read_text()) == config_json
-        if row.kind == "em" and same and not args.rerun and (row_dir / "checkpoints").exists():
+        if row.kind == "em" and same and not args.rerun and checkpoint.latest_step(row_dir / "checkpoints") is not None:
             resume = True
             print(f"[{row.name}] resuming from {row_dir / 'checkpoints'}", flush=True)
         else:

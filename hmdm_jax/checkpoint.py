@@ -517,6 +517,15 @@ class Checkpointer:
         return state, metadata
 
 
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest committed step in ``directory``; None when it is missing or holds no committed step
+    (e.g. a run killed before its first save finished). Read-only, safe beside a running trainer."""
+    if not Path(directory).is_dir():
+        return None
+    with Checkpointer.open(directory, read_only=True) as ckpt:
+        return ckpt.latest_step()
+
+
 def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The run config saved in ``directory`` at ``step`` (default: latest), without a template.
 

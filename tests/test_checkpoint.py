@@ -29,6 +29,7 @@ from hmdm_jax.checkpoint import (
     Checkpointer,
     PreemptionGuard,
     config_to_json,
+    latest_step,
     read_config,
 )
 from tests.checkpoint_worker import MATCHING, ToyConfig, ToyNet, toy_state, toy_train_step
@@ -148,6 +149,7 @@ def test_missing_directory(tmp_path):
         Checkpointer.open(missing, create=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_config(missing)
+    assert latest_step(missing) is None
     assert not missing.exists()
 
 
@@ -158,6 +160,10 @@ def test_empty_directory_and_unknown_step(tmp_path, saved_run):
             ckpt.restore(toy_state())
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint in"):
         read_config(tmp_path / "empty")
+    # a run killed during its first save leaves only a temporary directory: still no committed step
+    (tmp_path / "empty" / ("1" + TMP_DIR_SUFFIX)).mkdir()
+    assert latest_step(tmp_path / "empty") is None
+    assert latest_step(saved_run[0]) == 4
     with Checkpointer.open(saved_run[0], read_only=True) as ckpt:
         with pytest.raises(CheckpointNotFoundError, match=r"step 3 .*saved steps: \[2, 4\]"):
             ckpt.restore(toy_state(), step=3)
