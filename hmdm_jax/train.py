@@ -55,7 +55,8 @@ class LoopConfig:
       num_steps: optimizer steps.
       batch_size: frames (mixture) or sequences (HMDM) per step, global over all devices.
       warm_start: "kmeans" (clamp k-means cluster labels for ``warm_start_steps``; seeded by the class
-        means of the observed labels when every class has some) or "none".
+        means of the observed labels when every class has some), "ward" (Ward's agglomerative clusters;
+        ≤ 30k frames) or "none".
       warm_start_steps: length of the warm start.
       steps_per_call: fuse this many steps into one jitted ``lax.scan`` (cuts dispatch on small models).
       log_every, eval_every, checkpoint_every: in steps (0 disables evaluation/checkpoints).
@@ -329,14 +330,16 @@ def training_labels(config: RunConfig, data: TrainData) -> np.ndarray:
     clamped = np.where(data.observed, data.labels, -1).astype(np.int32)
     if config.loop.warm_start == "none" or config.loop.warm_start_steps <= 0:
         return np.stack([clamped, clamped])
-    if config.loop.warm_start != "kmeans":
-        raise ValueError(f"unknown warm_start {config.loop.warm_start!r}; expected 'kmeans' or 'none'")
+    if config.loop.warm_start not in warm_start.METHODS:
+        raise ValueError(f"unknown warm_start {config.loop.warm_start!r}; expected one of "
+                         f"{warm_start.METHODS + ('none',)}")
     valid = np.ones(data.labels.shape, bool) if data.mask is None else data.mask
     frames = data.images[valid]
     k = config.em.num_classes
     km = np.full(data.labels.shape, -1, np.int32)
     # With observed labels of every class, k-means starts from their class means (seeded k-means)
-    km[valid] = warm_start.kmeans_labels(frames, k, seed=config.seed, seed_labels=clamped[valid])
+    km[valid] = warm_start.cluster_labels(frames, k, config.loop.warm_start, seed=config.seed,
+                                          seed_labels=clamped[valid])
     observed = valid & (clamped >= 0)
     if observed.any():
         # Observed labels clamp state k to label k: renumber the clusters to match them (one-to-one on the

@@ -1,10 +1,44 @@
-"""Warm starts for the class assignment: k-means on the frames, used as clamped labels for a few hundred
-steps before EM runs free (measured: EM from a random start leaves dead or merged classes)."""
+"""Warm starts for the class assignment: clusters of the frames (k-means or Ward), used as clamped labels for
+a few hundred steps before EM runs free (measured: EM from a random start leaves dead or merged classes)."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
+from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.decomposition import PCA
+
+
+METHODS = ("kmeans", "ward")
+MAX_WARD_FRAMES = 30_000  # Ward keeps an N × N distance structure: 30k frames ≈ 7 GB
+
+
+def _features(frames: np.ndarray, seed: int, pca_dims: int | None) -> np.ndarray:
+    x = np.asarray(frames, np.float64).reshape(len(frames), -1)
+    if pca_dims is not None and pca_dims < x.shape[1]:
+        x = PCA(n_components=min(pca_dims, len(x)), random_state=seed).fit_transform(x)
+    return x
+
+
+def cluster_labels(frames: np.ndarray, num_classes: int, method: str = "kmeans", seed: int = 0,
+                   pca_dims: int | None = 50, seed_labels: np.ndarray | None = None) -> np.ndarray:
+    """Cluster indices ``[N]`` int32 in 0..K−1 of ``frames [N, *event]`` by ``method``.
+
+    ``"kmeans"``: :func:`kmeans_labels` (seeded by ``seed_labels`` when possible). ``"ward"``: Ward's
+    agglomerative clustering on the same PCA features, deterministic; ``seed_labels`` are not used (the
+    caller renumbers the clusters). Measured on the 8×8 digits: Ward 0.84 against k-means 0.79 (all 1,797),
+    0.81–0.83 against 0.78–0.80 on 70 % subsets. Ward needs O(N²) memory: above ``MAX_WARD_FRAMES`` frames
+    it is refused with an error that says so.
+    """
+    if method == "kmeans":
+        return kmeans_labels(frames, num_classes, seed=seed, pca_dims=pca_dims, seed_labels=seed_labels)
+    if method != "ward":
+        raise ValueError(f"unknown clustering method {method!r}; expected one of {METHODS}")
+    if len(frames) > MAX_WARD_FRAMES:
+        raise ValueError(f"Ward clustering of {len(frames)} frames needs O(N²) memory (limit {MAX_WARD_FRAMES} "
+                         f"frames): use the k-means warm start for data this large")
+    if len(frames) < num_classes:
+        raise ValueError(f"Ward clustering needs at least K = {num_classes} frames, got {len(frames)}")
+    x = _features(frames, seed, pca_dims)
+    return AgglomerativeClustering(num_classes, linkage="ward").fit_predict(x).astype(np.int32)
 
 
 def kmeans_labels(frames: np.ndarray, num_classes: int, seed: int = 0, pca_dims: int | None = 50,
@@ -25,11 +59,9 @@ def kmeans_labels(frames: np.ndarray, num_classes: int, seed: int = 0, pca_dims:
     Returns:
       ``[N]`` int32 cluster indices in 0..K−1.
     """
-    x = np.asarray(frames, np.float64).reshape(len(frames), -1)
-    if len(x) < num_classes:
-        raise ValueError(f"k-means needs at least K = {num_classes} frames, got {len(x)}")
-    if pca_dims is not None and pca_dims < x.shape[1]:
-        x = PCA(n_components=min(pca_dims, len(x)), random_state=seed).fit_transform(x)
+    if len(frames) < num_classes:
+        raise ValueError(f"k-means needs at least K = {num_classes} frames, got {len(frames)}")
+    x = _features(frames, seed, pca_dims)
     if seed_labels is not None:
         seed_labels = np.asarray(seed_labels).reshape(-1)
         if seed_labels.shape != (len(x),):

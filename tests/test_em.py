@@ -307,6 +307,26 @@ def test_seeded_kmeans_follows_the_observed_labels_where_plain_kmeans_does_not()
         warm_start.kmeans_labels(frames, 2, seed_labels=seed_labels[:10])
 
 
+def test_ward_warm_start_separates_blobs_follows_observed_labels_and_refuses_huge_data(monkeypatch):
+    """Ward on three blobs: one cluster per blob (any numbering), renumbered to the observed labels by the
+    training loop, deterministic; beyond its O(N²) memory limit a clear error."""
+    rng = np.random.default_rng(9)
+    blob_of = rng.integers(0, K, 300)
+    images = blobs(rng, blob_of)
+    ward = warm_start.cluster_labels(images, K, "ward", pca_dims=None)
+    assert am.matched_accuracy(blob_of, ward, K, K)[0] == 1.0
+    np.testing.assert_array_equal(ward, warm_start.cluster_labels(images, K, "ward", pca_dims=None, seed=5))
+    observed = rng.random(300) < 0.1
+    config = blob_config("mixture", 10, 8, warm_start="ward")
+    warm, _ = ht.training_labels(config, ht.TrainData(images, blob_of.astype(np.int32), observed))
+    np.testing.assert_array_equal(warm, blob_of)
+    monkeypatch.setattr(warm_start, "MAX_WARD_FRAMES", 100)
+    with pytest.raises(ValueError, match="O\\(N²\\) memory"):
+        warm_start.cluster_labels(images, K, "ward")
+    with pytest.raises(ValueError, match="unknown warm_start 'spectral'"):
+        ht.training_labels(blob_config("mixture", 10, 8, warm_start="spectral"), ht.TrainData(images, blob_of, observed))
+
+
 def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path):
     rng = np.random.default_rng(8)
     labels = rng.integers(0, K, 64).astype(np.int32)
