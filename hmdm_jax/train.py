@@ -376,19 +376,24 @@ HARD_ESTEP_KEY = 0xE57E9  # likewise for the periodic hard E-step
 
 
 def reseed_dead_states(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData,
-                       clamped: np.ndarray) -> np.ndarray | None:
+                       clamped: np.ndarray, states: np.ndarray | None = None) -> np.ndarray | None:
     """Clamp labels that revive dead states, or None when every state is alive.
 
     Decodes the training data; each state used by fewer than ``reseed_min_usage / K`` of the valid frames
     one of the two 2-means halves of the most used state's frames (the half without its first frame).
     Only those reassigned frames (and the user's observed labels) are clamped; the rest stay free.
 
+    ``states``: the training data's decoded states when the caller has them (the hard E-step of the same
+    step), so that the data is not decoded twice.
+
     Returns:
       labels shaped like ``data.labels`` (−1 = free), or None.
     """
     k = config.em.num_classes
-    states = predict_states(config, parts, state, data.images, data.mask, num_t=config.loop.reseed_num_t,
-                            batch_size=config.loop.eval_batch_size, key=jax.random.fold_in(state.key, RESEED_KEY))["states"]
+    if states is None:
+        states = predict_states(config, parts, state, data.images, data.mask, num_t=config.loop.reseed_num_t,
+                                batch_size=config.loop.eval_batch_size,
+                                key=jax.random.fold_in(state.key, RESEED_KEY))["states"]
     valid = np.ones(states.shape, bool) if data.mask is None else data.mask
     usage = acc_metrics.class_usage(states[valid], k)
     dead = [int(d) for d in np.flatnonzero(usage < config.loop.reseed_min_usage / k)]
@@ -647,7 +652,7 @@ def train(
                     metrics_file.flush()
                     if progress:
                         tqdm.write(_eval_line(step, last_eval))
-                hard = config.loop.hard_estep_every
+                hard, decoded = config.loop.hard_estep_every, None
                 if hard and step // hard > prev // hard and step >= config.loop.warm_start_steps and step < end_of_run:
                     decoded = predict_states(config, parts, state, data.images, data.mask,
                                              num_t=config.loop.hard_estep_num_t, batch_size=config.loop.eval_batch_size,
@@ -657,7 +662,7 @@ def train(
                 every = config.loop.reseed_every
                 if (every and step // every > prev // every and step >= config.loop.warm_start_steps
                         and step + config.loop.reseed_steps < end_of_run):
-                    revived = reseed_dead_states(config, parts, state, data, labels[1])
+                    revived = reseed_dead_states(config, parts, state, data, labels[1], states=decoded)
                     if revived is not None:
                         until = step + config.loop.reseed_steps
                         if hard and reseed is not None and step < reseed["until"]:
