@@ -80,6 +80,10 @@ class LoopConfig:
         (:func:`em.select_t_range`; no labels). The choice is saved with the checkpoints. Off by default:
         on digits it chose a worse band than the default (see :func:`em.select_t_range`).
       select_frames: training frames (a fixed random subset) scored for that choice.
+      observed_batch_fraction: this fraction of every batch is drawn from the items (images, or sequences)
+        with at least one observed label, the rest uniformly from all items as usual: labelled data
+        weighted up, as in semi-supervised EM (Nigam et al., 2000). 0 (default): plain uniform batches.
+        With labels scattered over sequences nearly every sequence has one, so this is for the mixture.
     """
 
     num_steps: int = 3000
@@ -102,6 +106,11 @@ class LoopConfig:
     hard_estep_num_t: int = 16
     select_t_range: bool = False
     select_frames: int = 2048
+    observed_batch_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.observed_batch_fraction < 1.0:
+            raise ValueError(f"observed_batch_fraction must be in [0, 1), got {self.observed_batch_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +366,14 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
     reads just its ``1/process_count`` share; ``parallel.global_batch`` then assembles the global array.
     """
     idx = batch_indices(config.seed, step, len(data.images), config.loop.batch_size)
+    num_observed = round(config.loop.observed_batch_fraction * config.loop.batch_size)
+    if num_observed:
+        items = np.flatnonzero(data.observed.reshape(len(data.observed), -1).any(axis=1))
+        if len(items) == 0:
+            raise ValueError("loop.observed_batch_fraction > 0 needs observed labels (e.g. --observed-labels 0.1)")
+        rng = np.random.default_rng([config.seed, step, OBSERVED_BATCH_KEY])
+        idx = np.concatenate([idx[: len(idx) - num_observed],
+                              rng.choice(items, num_observed, replace=num_observed > len(items))])
     if jax.process_count() > 1:
         idx = np.array_split(idx, jax.process_count())[jax.process_index()]
     warm = step < config.loop.warm_start_steps
@@ -373,6 +390,7 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
 RESEED_KEY = 0x5EED  # folded into the run's key for the re-seed decoding (independent of training draws)
 SELECT_KEY = 0x5E1EC7  # likewise for the scoring-band choice
 HARD_ESTEP_KEY = 0xE57E9  # likewise for the periodic hard E-step
+OBSERVED_BATCH_KEY = 0x0B5  # seeds the draw of the observed items of a batch (with seed and step)
 
 
 def reseed_dead_states(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData,

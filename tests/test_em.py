@@ -327,6 +327,29 @@ def test_ward_warm_start_separates_blobs_follows_observed_labels_and_refuses_hug
         ht.training_labels(blob_config("mixture", 10, 8, warm_start="spectral"), ht.TrainData(images, blob_of, observed))
 
 
+def test_observed_batch_fraction_draws_that_share_from_labelled_items():
+    rng = np.random.default_rng(10)
+    labels = rng.integers(0, K, 200).astype(np.int32)
+    observed = rng.random(200) < 0.05
+    data = ht.TrainData(blobs(rng, labels), labels, observed)
+    config = blob_config("mixture", 10, 16, observed_batch_fraction=0.5)
+    clamped = np.stack([np.where(observed, labels, -1)] * 2)
+    plain = blob_config("mixture", 10, 16)
+    for step in range(6):
+        batch = ht.make_batch(config, data, clamped, step)
+        from_observed = batch["labels"] >= 0
+        assert from_observed[8:].all() and len(batch["labels"]) == 16  # the second half: labelled items
+        # the first half is the plain batch's first half; the whole is a function of (seed, step)
+        np.testing.assert_array_equal(batch["images"][:8], ht.make_batch(plain, data, clamped, step)["images"][:8])
+        np.testing.assert_array_equal(batch["images"], ht.make_batch(config, data, clamped, step)["images"])
+    shares = np.mean([(ht.make_batch(plain, data, clamped, s)["labels"] >= 0).mean() for s in range(40)])
+    assert shares < 0.1  # without it, about the 5 % observed
+    with pytest.raises(ValueError, match="needs observed labels"):
+        ht.make_batch(config, data._replace(observed=np.zeros(200, bool)), clamped, 0)
+    with pytest.raises(ValueError, match="observed_batch_fraction must be in"):
+        ht.LoopConfig(observed_batch_fraction=1.0)
+
+
 def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path):
     rng = np.random.default_rng(8)
     labels = rng.integers(0, K, 64).astype(np.int32)
