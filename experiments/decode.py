@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--input", required=True, help="input .npz")
     p.add_argument("--output", required=True, help="output .npz")
     p.add_argument("--estimator", default=None, choices=emission.ESTIMATORS,
-                   help="emission estimator (default: the one used in training)")
+                   help="emission estimator (default: the run's loop.final_estimator, else the training one)")
     p.add_argument("--num-t", type=int, default=None, help="t-draws per frame (default: the run's final_num_t)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences (images) per jitted call")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -58,7 +58,7 @@ def main(argv=None):
     if tuple(event) != tuple(config.event_shape):
         common.fail(f"input frames have shape {tuple(event)}, the model was trained on {tuple(config.event_shape)}")
     num_t = args.num_t or config.loop.final_num_t
-    estimator = args.estimator or config.em.estimator
+    estimator = args.estimator or config.loop.final_estimator or config.em.estimator
     if estimator == "random_t" and num_t > 1:
         estimator = "multi_t"  # the mean of num_t random_t terms (random_t itself takes one draw)
     elif estimator == "last_decoder" and num_t > 1:

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("accuracy")
     g.add_argument("--num-t", type=int, default=None, help="t-draws per frame for decoding (default: the run's final_num_t)")
     g.add_argument("--estimator", default=None, choices=emission.ESTIMATORS,
-                   help="emission estimator for decoding (default: the one used in training)")
+                   help="emission estimator for decoding (default: the run's loop.final_estimator, else the training one)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences (images) per decoding call")
     g.add_argument("--accuracy-max-items", type=int, default=None,
                    help="decode at most this many held-out sequences (HMDM) / images (mixture) (default: all)")
@@ -217,7 +217,7 @@ def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tup
     (predicted states, the labels they are scored against, the matching) feed the figures and FID."""
     k = config.em.num_classes
     hmdm = config.model_type == "hmdm"
-    estimator, num_t = decoding_estimator(args.estimator or config.em.estimator, args.num_t or config.loop.final_num_t)
+    estimator, num_t = decoding_estimator(args.estimator or config.loop.final_estimator or config.em.estimator, args.num_t or config.loop.final_num_t)
     batch = args.batch_size or config.loop.eval_batch_size * (1 if hmdm else 16)
     scored = data.heldout if hmdm else data.train
     n = len(scored.images) if args.accuracy_max_items is None else min(args.accuracy_max_items, len(scored.images))

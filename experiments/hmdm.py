@@ -85,7 +85,8 @@ def main(argv=None):
         return common.stopped(workdir, result)
     with common.Timer() as eval_timer:
         ev = htrain.evaluate(config, result.parts, result.state, train_data, held_data,
-                             num_t=config.loop.final_num_t, true_A=true_A)
+                             num_t=config.loop.final_num_t, true_A=true_A,
+                             estimator=config.loop.final_estimator)
     learned_A = np.exp(np.asarray(result.state.log_A))
     results = {
         "model": "hmdm", "data": args.data, "seed": args.seed, "steps": int(result.state.step),

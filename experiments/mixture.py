@@ -54,10 +54,12 @@ def main(argv=None):
     if result.stopped_early:
         return common.stopped(workdir, result)
     pred = htrain.predict_states(config, result.parts, result.state, images.images, None,
-                                 num_t=config.loop.final_num_t, batch_size=256)["states"]
+                                 num_t=config.loop.final_num_t, batch_size=256,
+                                 estimator=config.loop.final_estimator)["states"]
     labelled = images.labels >= 0
     results = {"model": "mixture", "data": args.data, "seed": args.seed, "steps": int(result.state.step),
                "train_seconds": timer.seconds, "final_num_t": config.loop.final_num_t,
+               "final_estimator": config.loop.final_estimator or config.em.estimator,
                "class_usage": metrics.class_usage(pred, k), "pi": np.exp(np.asarray(result.state.log_pi))}
     if labelled.any():
         acc, mapping = metrics.matched_accuracy(images.labels, pred, k, k)
@@ -71,7 +73,8 @@ def main(argv=None):
             for name, fn in (("kmeans", metrics.kmeans_baseline), ("gmm", metrics.gmm_baseline))}
     if heldout is not None and (heldout.labels >= 0).any():
         held_pred = htrain.predict_states(config, result.parts, result.state, heldout.images, None,
-                                          num_t=config.loop.final_num_t, batch_size=256)["states"]
+                                          num_t=config.loop.final_num_t, batch_size=256,
+                                 estimator=config.loop.final_estimator)["states"]
         results["heldout_accuracy"] = metrics.matched_accuracy(heldout.labels, held_pred, k, k)[0]
         if "matching" in results:  # the state -> label matching learned on the training images
             results["heldout_accuracy_train_matching"] = metrics.accuracy_with_mapping(

@@ -350,6 +350,15 @@ def test_observed_batch_fraction_draws_that_share_from_labelled_items():
         ht.LoopConfig(observed_batch_fraction=1.0)
 
 
+def test_presets_final_estimator():
+    """The mixture is finally classified by its grid ELBO; HMDM keeps its tempered training scorer."""
+    mix = ht.preset("cpu-small", "mixture", 10, (8, 8, 1)).loop
+    assert (mix.final_estimator, mix.final_num_t) == ("elbo", 50)
+    assert ht.preset("cpu-small", "hmdm", 10, (8, 8, 1)).loop.final_estimator is None
+    with pytest.raises(ValueError, match="final_estimator must be None or one of"):
+        ht.LoopConfig(final_estimator="elbow")
+
+
 def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path):
     rng = np.random.default_rng(8)
     labels = rng.integers(0, K, 64).astype(np.int32)
