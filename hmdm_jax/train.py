@@ -87,8 +87,10 @@ class LoopConfig:
       select_frames: training frames (a fixed random subset) scored for that choice.
       observed_batch_fraction: this fraction of every batch is drawn from the items (images, or sequences)
         with at least one observed label, the rest uniformly from all items as usual: labelled data
-        weighted up, as in semi-supervised EM (Nigam et al., 2000). 0 (default): plain uniform batches.
-        With labels scattered over sequences nearly every sequence has one, so this is for the mixture.
+        weighted up, as in semi-supervised EM (Nigam et al., 2000). 0: plain uniform batches; without
+        observed labels it has no effect. The mixture preset uses 0.5 (digits, 10 % labels: 0.932 on the
+        masked labels vs 0.905 with uniform batches). With labels scattered over sequences nearly every
+        sequence has one, so HMDM presets leave it at 0.
     """
 
     num_steps: int = 3000
@@ -225,7 +227,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         em_config = dataclasses.replace(em_config, temperature=em_config.temperature * max(1.0, dim / 64))
         loop = LoopConfig(num_steps=3000, batch_size=8 if sequences else 256)
         if not sequences:
-            loop = dataclasses.replace(loop, final_estimator="elbo", final_num_t=50)
+            loop = dataclasses.replace(loop, final_estimator="elbo", final_num_t=50, observed_batch_fraction=0.5)
         return RunConfig(model_type, network, em_config, event_shape, loop=loop, data=tuple(data.items()))
     if name in ("gpu", "tpu"):
         network = models.get_model_config(_unet_for(event_shape))
@@ -379,8 +381,8 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
     num_observed = round(config.loop.observed_batch_fraction * config.loop.batch_size)
     if num_observed:
         items = np.flatnonzero(data.observed.reshape(len(data.observed), -1).any(axis=1))
-        if len(items) == 0:
-            raise ValueError("loop.observed_batch_fraction > 0 needs observed labels (e.g. --observed-labels 0.1)")
+        num_observed = num_observed if len(items) else 0  # unsupervised: plain batches
+    if num_observed:
         rng = np.random.default_rng([config.seed, step, OBSERVED_BATCH_KEY])
         idx = np.concatenate([idx[: len(idx) - num_observed],
                               rng.choice(items, num_observed, replace=num_observed > len(items))])

@@ -344,17 +344,20 @@ def test_observed_batch_fraction_draws_that_share_from_labelled_items():
         np.testing.assert_array_equal(batch["images"], ht.make_batch(config, data, clamped, step)["images"])
     shares = np.mean([(ht.make_batch(plain, data, clamped, s)["labels"] >= 0).mean() for s in range(40)])
     assert shares < 0.1  # without it, about the 5 % observed
-    with pytest.raises(ValueError, match="needs observed labels"):
-        ht.make_batch(config, data._replace(observed=np.zeros(200, bool)), clamped, 0)
+    unsupervised = data._replace(observed=np.zeros(200, bool))  # nothing to weight up: plain batches
+    np.testing.assert_array_equal(ht.make_batch(config, unsupervised, clamped, 3)["images"],
+                                  ht.make_batch(plain, unsupervised, clamped, 3)["images"])
     with pytest.raises(ValueError, match="observed_batch_fraction must be in"):
         ht.LoopConfig(observed_batch_fraction=1.0)
 
 
-def test_presets_final_estimator():
-    """The mixture is finally classified by its grid ELBO; HMDM keeps its tempered training scorer."""
+def test_presets_final_estimator_and_observed_batch_fraction():
+    """The mixture is finally classified by its grid ELBO and weights labelled images up; HMDM keeps its
+    tempered training scorer and uniform batches."""
     mix = ht.preset("cpu-small", "mixture", 10, (8, 8, 1)).loop
-    assert (mix.final_estimator, mix.final_num_t) == ("elbo", 50)
-    assert ht.preset("cpu-small", "hmdm", 10, (8, 8, 1)).loop.final_estimator is None
+    assert (mix.final_estimator, mix.final_num_t, mix.observed_batch_fraction) == ("elbo", 50, 0.5)
+    hmdm_loop = ht.preset("cpu-small", "hmdm", 10, (8, 8, 1)).loop
+    assert hmdm_loop.final_estimator is None and hmdm_loop.observed_batch_fraction == 0
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         ht.LoopConfig(final_estimator="elbow")
 
