@@ -351,6 +351,17 @@ def pretrain(config: htrain.RunConfig, data: Data, workdir: Path, steps: int, pr
     return state, parts
 
 
+def _same_config(saved: dict | None, current: dict) -> bool:
+    """Whether a row's saved config is the current one. Fields added to the config since it was saved
+    take their defaults, so a row is not retrained just because the config class grew."""
+    if saved is None:
+        return False
+    try:
+        return _json(htrain.RunConfig.from_dict(saved).to_dict()) == current
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
 def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path, pretrained_params=None) -> dict:
     """Trains (or reuses) one row and evaluates it; returns its row record (also saved as row.json)."""
     row_dir = workdir / row.name
@@ -359,13 +370,13 @@ def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path,
     steps = args.pretrain_steps if row.kind == "pretrain" else config.loop.num_steps
     if saved.exists() and not args.rerun:
         old = json.loads(saved.read_text())
-        if old.get("config") == config_json and old.get("steps") == steps and "results" in old \
+        if _same_config(old.get("config"), config_json) and old.get("steps") == steps and "results" in old \
                 and (row.kind != "finetune" or old.get("pretrain_steps") == args.pretrain_steps):
             print(f"[{row.name}] reusing {saved}", flush=True)
             return old
     resume = False
     if row_dir.exists():
-        same = (row_dir / "config.json").exists() and json.loads((row_dir / "config.json").read_text()) == config_json
+        same = (row_dir / "config.json").exists() and _same_config(json.loads((row_dir / "config.json").read_text()), config_json)
         if row.kind == "em" and same and not args.rerun and checkpoint.latest_step(row_dir / "checkpoints") is not None:
             resume = True
             print(f"[{row.name}] resuming from {row_dir / 'checkpoints'}", flush=True)

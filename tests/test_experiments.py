@@ -217,6 +217,19 @@ def test_ablation_rows_are_the_documented_configs():
     assert rows["finetune"].loop.warm_start == "none" and rows["finetune"].em == preset_em
 
 
+def test_ablation_rows_saved_before_a_config_field_existed_are_reused():
+    """A row saved before the config class gained a field (at its default) is the same config; a changed
+    value is not."""
+    config = htrain.preset("cpu-small", "hmdm", K, (8, 8, 1))
+    current = ablations._json(config.to_dict())
+    saved = json.loads(json.dumps(current))
+    del saved["loop"]["observed_batch_fraction"]
+    assert ablations._same_config(saved, current)
+    saved["loop"]["num_steps"] += 1
+    assert not ablations._same_config(saved, current)
+    assert not ablations._same_config(None, current)
+
+
 @pytest.mark.slow
 def test_ablations_end_to_end(tmp_path, hmdm_run):
     # hmdm_run first: the default and finetune rows then reuse its compiled train step and decoders.
