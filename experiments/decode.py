@@ -58,7 +58,7 @@ def main(argv=None):
     if tuple(event) != tuple(config.event_shape):
         common.fail(f"input frames have shape {tuple(event)}, the model was trained on {tuple(config.event_shape)}")
     num_t = args.num_t or config.loop.final_num_t
-    estimator = args.estimator or config.loop.final_estimator or config.em.estimator
+    estimator = args.estimator or htrain.final_estimator(config)
     if estimator == "random_t" and num_t > 1:
         estimator = "multi_t"  # the mean of num_t random_t terms (random_t itself takes one draw)
     elif estimator == "last_decoder" and num_t > 1:

@@ -217,7 +217,7 @@ def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tup
     (predicted states, the labels they are scored against, the matching) feed the figures and FID."""
     k = config.em.num_classes
     hmdm = config.model_type == "hmdm"
-    estimator, num_t = decoding_estimator(args.estimator or config.loop.final_estimator or config.em.estimator, args.num_t or config.loop.final_num_t)
+    estimator, num_t = decoding_estimator(args.estimator or htrain.final_estimator(config), args.num_t or config.loop.final_num_t)
     batch = args.batch_size or config.loop.eval_batch_size * (1 if hmdm else 16)
     scored = data.heldout if hmdm else data.train
     n = len(scored.images) if args.accuracy_max_items is None else min(args.accuracy_max_items, len(scored.images))

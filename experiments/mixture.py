@@ -59,7 +59,7 @@ def main(argv=None):
     labelled = images.labels >= 0
     results = {"model": "mixture", "data": args.data, "seed": args.seed, "steps": int(result.state.step),
                "train_seconds": timer.seconds, "final_num_t": config.loop.final_num_t,
-               "final_estimator": config.loop.final_estimator or config.em.estimator,
+               "final_estimator": htrain.final_estimator(config),
                "class_usage": metrics.class_usage(pred, k), "pi": np.exp(np.asarray(result.state.log_pi))}
     if labelled.any():
         acc, mapping = metrics.matched_accuracy(images.labels, pred, k, k)
@@ -74,7 +74,7 @@ def main(argv=None):
     if heldout is not None and (heldout.labels >= 0).any():
         held_pred = htrain.predict_states(config, result.parts, result.state, heldout.images, None,
                                           num_t=config.loop.final_num_t, batch_size=256,
-                                 estimator=config.loop.final_estimator)["states"]
+                                          estimator=config.loop.final_estimator)["states"]
         results["heldout_accuracy"] = metrics.matched_accuracy(heldout.labels, held_pred, k, k)[0]
         if "matching" in results:  # the state -> label matching learned on the training images
             results["heldout_accuracy_train_matching"] = metrics.accuracy_with_mapping(

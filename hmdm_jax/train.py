@@ -379,10 +379,8 @@ def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int
     """
     idx = batch_indices(config.seed, step, len(data.images), config.loop.batch_size)
     num_observed = round(config.loop.observed_batch_fraction * config.loop.batch_size)
-    if num_observed:
-        items = np.flatnonzero(data.observed.reshape(len(data.observed), -1).any(axis=1))
-        num_observed = num_observed if len(items) else 0  # unsupervised: plain batches
-    if num_observed:
+    items = np.flatnonzero(data.observed.reshape(len(data.observed), -1).any(axis=1)) if num_observed else []
+    if len(items):  # unsupervised (no observed labels): plain batches
         rng = np.random.default_rng([config.seed, step, OBSERVED_BATCH_KEY])
         idx = np.concatenate([idx[: len(idx) - num_observed],
                               rng.choice(items, num_observed, replace=num_observed > len(items))])
@@ -470,6 +468,11 @@ def choose_t_range(config: RunConfig, parts: RunParts, state: TrainState, data: 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def final_estimator(config: RunConfig) -> str:
+    """The emission estimator of final decoding: ``loop.final_estimator``, else the training one."""
+    return config.loop.final_estimator or config.em.estimator
 
 
 def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images, mask, *, num_t: int,

@@ -11,7 +11,11 @@ METHODS = ("kmeans", "ward")
 MAX_WARD_FRAMES = 30_000  # Ward keeps an N × N distance structure: 30k frames ≈ 7 GB
 
 
-def _features(frames: np.ndarray, seed: int, pca_dims: int | None) -> np.ndarray:
+def _features(frames: np.ndarray, num_classes: int, seed: int, pca_dims: int | None) -> np.ndarray:
+    """Flattened frames ``[N, D]`` (float64), PCA-projected to ``pca_dims``; at least K frames are needed."""
+    if len(frames) < num_classes:
+        raise ValueError(f"clustering into K = {num_classes} classes needs at least {num_classes} frames, "
+                         f"got {len(frames)}")
     x = np.asarray(frames, np.float64).reshape(len(frames), -1)
     if pca_dims is not None and pca_dims < x.shape[1]:
         x = PCA(n_components=min(pca_dims, len(x)), random_state=seed).fit_transform(x)
@@ -35,9 +39,7 @@ def cluster_labels(frames: np.ndarray, num_classes: int, method: str = "kmeans",
     if len(frames) > MAX_WARD_FRAMES:
         raise ValueError(f"Ward clustering of {len(frames)} frames needs O(N²) memory (limit {MAX_WARD_FRAMES} "
                          f"frames): use the k-means warm start for data this large")
-    if len(frames) < num_classes:
-        raise ValueError(f"Ward clustering needs at least K = {num_classes} frames, got {len(frames)}")
-    x = _features(frames, seed, pca_dims)
+    x = _features(frames, num_classes, seed, pca_dims)
     return AgglomerativeClustering(num_classes, linkage="ward").fit_predict(x).astype(np.int32)
 
 
@@ -59,9 +61,7 @@ def kmeans_labels(frames: np.ndarray, num_classes: int, seed: int = 0, pca_dims:
     Returns:
       ``[N]`` int32 cluster indices in 0..K−1.
     """
-    if len(frames) < num_classes:
-        raise ValueError(f"k-means needs at least K = {num_classes} frames, got {len(frames)}")
-    x = _features(frames, seed, pca_dims)
+    x = _features(frames, num_classes, seed, pca_dims)
     if seed_labels is not None:
         seed_labels = np.asarray(seed_labels).reshape(-1)
         if seed_labels.shape != (len(x),):
