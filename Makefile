@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) experiments/hmdm.py --data digits --preset cpu-small --workdir runs/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto --dist loadfile
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
