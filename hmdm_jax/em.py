@@ -62,6 +62,12 @@ class EMConfig:
       counts_from: HMDM M-step statistics from the "sampled" paths or "smoothed" expected counts.
       label_dropout: probability of training a frame with the null class K (classifier-free guidance).
       emission_chunk_size: score at most this many frames at once (bounds memory; None: all at once).
+      label_loss_weight: α of a discriminative term on the frames with observed labels: α times the
+        cross-entropy of the tempered class posterior softmax(log b̃ / temperature + log prior) against
+        the label, one t-draw per frame, differentiated through the K network passes (:func:`label_loss`).
+        The analogue of the α·log q(x | y) term of semi-supervised generative models (Kingma et al.,
+        2014): EM alone uses an observed label only to clamp its frame, so a few labels barely move the
+        class scores of the unlabelled frames. 0 (default): the paper's EM. Does nothing without labels.
     """
 
     num_classes: int
@@ -83,6 +89,7 @@ class EMConfig:
     counts_from: str = "sampled"
     label_dropout: float = 0.0
     emission_chunk_size: int | None = None
+    label_loss_weight: float = 0.0
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -99,6 +106,8 @@ class EMConfig:
             raise ValueError("pseudo_count must be > 0 so that no class reaches probability 0")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.label_loss_weight < 0:
+            raise ValueError(f"label_loss_weight must be >= 0, got {self.label_loss_weight}")
         if self.t_range is not None and not 0.0 <= self.t_range[0] <= self.t_range[1] <= 1.0:
             raise ValueError(f"t_range must be fractions 0 <= lo <= hi <= 1 of T, got {self.t_range}")
 
@@ -142,14 +151,16 @@ def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None
     return lo, max(lo, int(round(config.t_range[1] * num_steps)))
 
 
-def score_classes(
-    config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, y: Array, keys: Array, step: Array
+def class_scores(
+    config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, y: Array, keys: Array,
+    step: Array, num_t: int | None = None,
 ) -> Array:
-    """Tempered class log-scores log b̃_k / temperature for frames ``y [B, *event]``, no gradient.
+    """Tempered class log-scores log b̃_k / temperature for frames ``y [B, *event]``, differentiable.
 
     Args:
       keys: ``[B]`` per-frame keys (see :func:`frame_keys`).
       step: ``[]`` the optimizer step (for the temperature annealing).
+      num_t: overrides ``config.num_t``.
 
     Returns:
       ``[B, K]`` float32 tempered emission log-likelihoods (class-independent constants may be dropped).
@@ -162,13 +173,84 @@ def score_classes(
         keys,
         config.num_classes,
         estimator=config.estimator,
-        num_t=config.num_t,
+        num_t=config.num_t if num_t is None else num_t,
         t_range=resolved_t_range(config, schedule.num_steps),
         per_dim=config.per_dim,
         variance=config.variance,
         chunk_size=config.emission_chunk_size,
     )
-    return jax.lax.stop_gradient(log_b) / temperature_at(config, step)
+    return log_b / temperature_at(config, step)
+
+
+def score_classes(
+    config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, y: Array, keys: Array, step: Array
+) -> Array:
+    """:func:`class_scores` of the E-step: ``[B, K]``, no gradient."""
+    return jax.lax.stop_gradient(class_scores(config, eps_fn, params, schedule, y, keys, step))
+
+
+def label_loss(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    y: Array,
+    labels: Array,
+    keys: Array,
+    log_prior: Array,
+    step: Array,
+    normalizer: Array,
+) -> Array:
+    """α Σ_i [x_i observed] −log softmax(log b̃(y_i) / temperature + log_prior)[x_i] / normalizer.
+
+    The cross-entropy of the E-step's own class posterior on the frames with observed labels, with one
+    t-draw per frame (the grid of ``"elbo"`` as configured), differentiable in ``params``. Minimising it
+    calibrates the tempered posterior that EM samples from on the labelled frames.
+
+    Args:
+      y: ``[B, *event]`` frames; labels: ``[B]`` int32, −1 = unknown (no term).
+      keys: ``[B]`` per-frame keys, independent of the E-step's.
+      log_prior: ``[K]`` log class prior of the posterior (log π for the mixture).
+      step: ``[]`` the optimizer step (temperature annealing).
+      normalizer: ``[]`` the number of observed frames in the global batch (so per-device terms add up).
+
+    Returns:
+      ``[]`` ``config.label_loss_weight`` times the summed cross-entropy (nats) divided by ``normalizer``.
+    """
+    num_t = config.num_t if config.estimator == "elbo" else 1
+    log_b = class_scores(config, eps_fn, params, schedule, y, keys, step, num_t=num_t)
+    log_post = jax.nn.log_softmax(log_b + jax.lax.stop_gradient(log_prior), axis=-1)
+    observed = labels >= 0
+    picked = jnp.take_along_axis(log_post, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    cross_entropy = jnp.sum(jnp.where(observed, -picked, 0.0))
+    return config.label_loss_weight * cross_entropy / jnp.maximum(normalizer, 1.0)
+
+
+def step_keys(config: EMConfig, key: Array) -> tuple[Array, Array, Array, Array | None]:
+    """A train step's keys ``(score, sample, loss, label)``; ``label`` is None without the label loss.
+
+    Three keys are split without the label loss, as before it existed, so such runs stay bit-identical.
+    """
+    if config.label_loss_weight > 0:
+        return tuple(jax.random.split(key, 4))
+    return (*jax.random.split(key, 3), None)
+
+
+def observed_label_loss(
+    config: EMConfig, eps_fn: EpsFn, schedule: diffusion.Schedule, y: Array, labels: Array, log_prior: Array,
+    step: Array, key: Array | None, axis_name: str | None = None,
+) -> Callable[[Any], Array] | None:
+    """``params -> label_loss(...)`` on frames ``y [B, *event]`` with ``labels [B]`` (−1 = unknown), for
+    :func:`denoising_step`'s ``extra_loss``; None when ``config.label_loss_weight`` is 0 (nothing traced).
+
+    ``key`` is the label key of :func:`step_keys`; under a mapped axis the normaliser counts the observed
+    frames of the global batch.
+    """
+    if config.label_loss_weight <= 0:
+        return None
+    normalizer = psum_if(jnp.sum(labels >= 0).astype(jnp.float32), axis_name)
+    keys = frame_keys(key, y.shape[0], axis_name)
+    return lambda params: label_loss(config, eps_fn, params, schedule, y, labels, keys, log_prior, step, normalizer)
 
 
 CANDIDATE_BANDS = ((0.01, 0.05), (0.02, 0.1), (0.05, 0.2), (0.1, 0.3), (0.2, 0.4), (0.3, 0.6), (0.5, 0.8))
@@ -310,27 +392,34 @@ def denoising_step(
     label_dropout: float = 0.0,
     null_class: int | None = None,
     axis_name: str | None = None,
-) -> tuple[TrainState, Array]:
-    """One gradient step on :func:`denoising_loss` with the given classes, summed across devices.
+    extra_loss: Callable[[Any], Array] | None = None,
+) -> tuple[TrainState, Array, Array]:
+    """One gradient step on :func:`denoising_loss` (plus ``extra_loss``), summed across devices.
 
     Args:
       y: ``[B, *event]`` frames (this device's share of the global batch).
       classes: ``[B]`` int32 class of each frame.
       weights: ``[B]`` float32 frame weights (0 for padding).
       key: the step's loss key; frame i draws from ``frame_keys(key, B, axis_name)[i]``.
+      extra_loss: optional ``extra_loss(params) -> []`` added to the objective (e.g. :func:`label_loss`),
+        this device's share of a global-batch term.
 
     Returns:
-      ``(state, loss)``: the state after the optax and EMA update, and the global-batch loss.
+      ``(state, loss, extra)``: the state after the optax and EMA update, the global-batch ε-loss and the
+      global ``extra_loss`` (0 without one).
     """
     normalizer = psum_if(jnp.sum(weights), axis_name)
     keys = frame_keys(key, y.shape[0], axis_name)
-    loss_fn = lambda p: denoising_loss(
-        eps_fn, p, schedule, y, classes, keys, weights, normalizer, label_dropout, null_class
-    )
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+
+    def loss_fn(p):
+        loss = denoising_loss(eps_fn, p, schedule, y, classes, keys, weights, normalizer, label_dropout, null_class)
+        extra = jnp.float32(0.0) if extra_loss is None else extra_loss(p)
+        return loss + extra, (loss, extra)
+
+    (_, (loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # per-device losses are already divided by the global normalizer, so the sum is the global loss
-    loss, grads = psum_if((loss, grads), axis_name)
-    return gradient_update(state, grads, optimizer, ema_decay), loss
+    loss, extra, grads = psum_if((loss, extra, grads), axis_name)
+    return gradient_update(state, grads, optimizer, ema_decay), loss, extra
 
 
 def dirichlet_log_probs(counts: Array, pseudo_count: float, sticky_count: float = 0.0) -> Array:

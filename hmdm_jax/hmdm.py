@@ -30,9 +30,11 @@ from hmdm_jax.em import (
     denoising_step,
     evaluation_config,
     frame_keys,
+    observed_label_loss,
     pmean_if,
     psum_if,
     score_classes,
+    step_keys,
     temperature_at,
 )
 from hmdm_jax.state import TrainState
@@ -83,14 +85,15 @@ def make_train_step(
 
     ``batch``: ``images [B, n, *event]``, ``mask [B, n]`` bool (optional), ``labels [B, n]`` int32 with −1
     for unknown (optional). Metrics: ``loss``, ``log_marginal`` (mean tempered log p(Y) per sequence),
-    ``class_usage [K]`` over valid frames, ``temperature``.
+    ``class_usage [K]`` over valid frames, ``temperature``, and ``label_loss`` when
+    ``config.label_loss_weight > 0`` (frame-wise, uniform prior: see ``em.label_loss``).
     """
     k = config.num_classes
 
     def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
         images, mask, labels = _batch_fields(batch)
         batch_size, length = images.shape[:2]
-        key_score, key_sample, key_loss = jax.random.split(key, 3)
+        key_score, key_sample, key_loss, key_label = step_keys(config, key)
 
         score_params = state.ema_params if config.score_with_ema else state.params
         log_b = sequence_log_emissions(
@@ -104,9 +107,12 @@ def make_train_step(
         frames = images.reshape((batch_size * length,) + images.shape[2:])
         classes = jnp.maximum(states.reshape(-1), 0)  # padded frames (−1) have weight 0
         step_before_update = state.step
-        state, loss = denoising_step(
+        frame_labels = jnp.where(mask, labels, -1).reshape(-1)
+        state, loss, supervised = denoising_step(
             state, eps_fn, schedule, optimizer, frames, classes, mask.reshape(-1).astype(jnp.float32), key_loss,
             ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=k, axis_name=axis_name,
+            extra_loss=observed_label_loss(config, eps_fn, schedule, frames, frame_labels, jnp.zeros(k),
+                                           step_before_update, key_label, axis_name),
         )
 
         if config.counts_from == "sampled":
@@ -123,6 +129,8 @@ def make_train_step(
             "class_usage": usage / jnp.maximum(jnp.sum(usage), 1.0),
             "temperature": temperature_at(config, step_before_update),
         }
+        if config.label_loss_weight > 0:
+            metrics["label_loss"] = supervised
         return state, metrics
 
     return train_step

@@ -27,10 +27,12 @@ from hmdm_jax.em import (
     denoising_step,
     evaluation_config,
     frame_keys,
+    observed_label_loss,
     posterior_entropy,
     pmean_if,
     psum_if,
     score_classes,
+    step_keys,
     temperature_at,
 )
 from hmdm_jax.state import TrainState
@@ -69,7 +71,8 @@ def make_train_step(
 
     ``batch["images"]``: ``[B, *event]``; ``batch["labels"]``: ``[B]`` int32 with −1 for unknown (optional).
     Metrics: ``loss``, ``posterior_entropy`` (nats), ``class_usage [K]`` (fractions of sampled classes),
-    ``temperature``.
+    ``temperature``, and ``label_loss`` (the weighted cross-entropy on observed labels) when
+    ``config.label_loss_weight > 0``.
     """
     k = config.num_classes
 
@@ -77,16 +80,19 @@ def make_train_step(
         y = batch["images"]
         batch_size = y.shape[0]
         labels = batch.get("labels", jnp.full((batch_size,), -1, jnp.int32))
-        key_score, key_sample, key_loss = jax.random.split(key, 3)
+        key_score, key_sample, key_loss, key_label = step_keys(config, key)
 
         score_params = state.ema_params if config.score_with_ema else state.params
         log_b = score_classes(config, eps_fn, score_params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
         log_post = class_posterior(log_b, state.log_pi, labels)
         classes = jax.vmap(jax.random.categorical)(frame_keys(key_sample, batch_size, axis_name), log_post)
 
-        state, loss = denoising_step(
+        step_before_update = state.step
+        state, loss, supervised = denoising_step(
             state, eps_fn, schedule, optimizer, y, classes, jnp.ones((batch_size,), jnp.float32), key_loss,
             ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=k, axis_name=axis_name,
+            extra_loss=observed_label_loss(config, eps_fn, schedule, y, labels, state.log_pi, step_before_update,
+                                           key_label, axis_name),
         )
 
         counts = psum_if(jnp.sum(jax.nn.one_hot(classes, k), axis=0), axis_name)
@@ -95,8 +101,10 @@ def make_train_step(
             "loss": loss,
             "posterior_entropy": pmean_if(posterior_entropy(log_post), axis_name),
             "class_usage": counts / jnp.sum(counts),
-            "temperature": temperature_at(config, state.step - 1),
+            "temperature": temperature_at(config, step_before_update),
         }
+        if config.label_loss_weight > 0:
+            metrics["label_loss"] = supervised
         return state, metrics
 
     return train_step
@@ -120,7 +128,7 @@ def make_supervised_step(
 
     def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
         y, labels = batch["images"], batch["labels"]
-        state, loss = denoising_step(
+        state, loss, _ = denoising_step(
             state, eps_fn, schedule, optimizer, y, labels, jnp.ones((y.shape[0],), jnp.float32), key,
             ema_decay=ema_decay, label_dropout=label_dropout, null_class=num_classes, axis_name=axis_name,
         )

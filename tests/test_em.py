@@ -144,6 +144,61 @@ def test_fully_labelled_step_counts_are_the_label_counts(model_type):
         np.testing.assert_array_equal(np.asarray(state.class_counts), np.bincount(labels[:, 0], minlength=K))
 
 
+def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_its_gradient_lowers_it():
+    """em.label_loss equals α · mean over observed frames of −log softmax(class_scores/τ + log π)[label]
+    (one draw), ignores unknown labels, and a gradient step on the class means lowers it."""
+    rng = np.random.default_rng(7)
+    schedule = diffusion.linear_schedule(200)
+    labels = rng.integers(0, K, 24).astype(np.int32)
+    y = jnp.asarray(blobs(rng, labels, spread=0.4))
+    observed = np.where(rng.random(24) < 0.5, labels, -1).astype(np.int32)
+    config = em.EMConfig(num_classes=K, t_range=(0.02, 0.2), temperature=50.0, label_loss_weight=0.3)
+    eps_fn = oracle_eps_fn(schedule)
+    log_prior = jnp.log(jnp.asarray([0.5, 0.3, 0.2], jnp.float32))
+    keys = em.frame_keys(jax.random.PRNGKey(8), 24)
+    params = jnp.asarray(CENTERS) * 0.3  # wrong means and a high temperature: the posterior is soft
+    loss = em.label_loss(config, eps_fn, params, schedule, y, jnp.asarray(observed), keys, log_prior, 0,
+                         jnp.float32((observed >= 0).sum()))
+    scores = np.asarray(em.class_scores(config, eps_fn, params, schedule, y, keys, 0, num_t=1), np.float64)
+    logits = scores + np.asarray(log_prior)
+    log_post = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    rows = observed >= 0
+    expected = 0.3 * -log_post[rows, observed[rows]].mean()
+    assert expected > 0.05
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    none = em.label_loss(config, eps_fn, params, schedule, y, jnp.full(24, -1, jnp.int32), keys, log_prior, 0, 0.0)
+    assert float(none) == 0.0
+
+    fn = lambda p: em.label_loss(config, eps_fn, p, schedule, y, jnp.asarray(observed), keys, log_prior, 0,
+                                 jnp.float32(rows.sum()))
+    grad = jax.grad(fn)(params)
+    assert float(fn(params - 0.05 * grad)) < float(loss)
+
+
+@pytest.mark.parametrize("model_type", ["mixture", "hmdm"])
+def test_label_loss_weight_adds_the_term_to_the_step_and_zero_keeps_the_old_draws(model_type):
+    """With α > 0 the step reports a positive label loss; with α = 0 it splits the step key into three
+    as before the term existed (runs stay bit-identical) and reports none."""
+    rng = np.random.default_rng(9)
+    key = jax.random.PRNGKey(3)
+    plain = blob_config(model_type, 1, 4)
+    assert em.step_keys(plain.em, key)[3] is None
+    np.testing.assert_array_equal(jax.random.key_data(jnp.stack(em.step_keys(plain.em, key)[:3])),
+                                  jax.random.key_data(jax.random.split(key, 3)))
+    config = dataclasses.replace(plain, em=dataclasses.replace(plain.em, label_loss_weight=1.0))
+    parts = ht.build_parts(config)
+    if model_type == "mixture":
+        labels = rng.integers(0, K, 16).astype(np.int32)
+        batch = {"images": blobs(rng, labels), "labels": np.where(np.arange(16) < 4, labels, -1).astype(np.int32)}
+    else:
+        labels = markov_labels(rng, 4, 6)
+        batch = {"images": blobs(rng, labels), "labels": np.where(rng.random(labels.shape) < 0.3, labels, -1).astype(np.int32)}
+    _, metrics = ht.make_step(config, parts)(ht.init_state(config, parts), batch)
+    assert np.isfinite(float(metrics["label_loss"])) and float(metrics["label_loss"]) > 0.1  # ≈ log K untrained
+    _, metrics = ht.make_step(plain, ht.build_parts(plain))(ht.init_state(plain, parts), batch)
+    assert "label_loss" not in metrics
+
+
 # ------------------------------------------------------------------------------------------ recovery
 
 
