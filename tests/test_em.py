@@ -410,9 +410,9 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     """The mixture is finally classified by its grid ELBO and weights labelled images up; HMDM keeps its
     tempered training scorer and uniform batches."""
     mix = ht.preset("cpu-small", "mixture", 10, (8, 8, 1)).loop
-    assert (mix.final_estimator, mix.final_num_t, mix.observed_batch_fraction) == ("elbo", 50, 0.5)
+    assert (mix.final_estimator, mix.final_num_t, mix.observed_batch_fraction, mix.select_t_range) == ("elbo", 50, 0.5, True)
     hmdm_loop = ht.preset("cpu-small", "hmdm", 10, (8, 8, 1)).loop
-    assert hmdm_loop.final_estimator is None and hmdm_loop.observed_batch_fraction == 0
+    assert hmdm_loop.final_estimator is None and hmdm_loop.observed_batch_fraction == 0 and not hmdm_loop.select_t_range
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         ht.LoopConfig(final_estimator="elbow")
 
