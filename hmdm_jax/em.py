@@ -219,7 +219,7 @@ def label_loss(
     """
     num_t = config.num_t if config.estimator == "elbo" else 1
     log_b = class_scores(config, eps_fn, params, schedule, y, keys, step, num_t=num_t)
-    log_post = jax.nn.log_softmax(log_b + jax.lax.stop_gradient(log_prior), axis=-1)
+    log_post = emission.class_log_posterior(log_b, jax.lax.stop_gradient(log_prior))
     observed = labels >= 0
     picked = jnp.take_along_axis(log_post, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
     cross_entropy = jnp.sum(jnp.where(observed, -picked, 0.0))
