@@ -79,7 +79,8 @@ class LoopConfig:
         ``hard_estep_num_t`` draws and clamp the decoded classes (observed labels kept) until the next
         one: a periodic full-data hard E-step between stretches of training on a fixed assignment
         (0 disables; the online stochastic E-step then runs on every batch).
-      hard_estep_num_t: t-draws per frame for that decoding.
+      hard_estep_num_t: t-draws per frame (grid terms for "elbo") for that decoding.
+      hard_estep_estimator: the emission estimator of that decoding (None: the training estimator).
       select_t_range: at the end of the warm start, replace ``em.t_range`` by the candidate band
         (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment
         (:func:`em.select_t_range`; no labels). The choice is saved with the checkpoints. Off by default
@@ -113,6 +114,7 @@ class LoopConfig:
     reseed_num_t: int = 4
     hard_estep_every: int = 0
     hard_estep_num_t: int = 16
+    hard_estep_estimator: str | None = None
     select_t_range: bool = False
     select_frames: int = 2048
     observed_batch_fraction: float = 0.0
@@ -120,6 +122,9 @@ class LoopConfig:
     def __post_init__(self):
         if self.final_estimator is not None and self.final_estimator not in emission.ESTIMATORS:
             raise ValueError(f"final_estimator must be None or one of {emission.ESTIMATORS}, got {self.final_estimator!r}")
+        if self.hard_estep_estimator is not None and self.hard_estep_estimator not in emission.ESTIMATORS:
+            raise ValueError(f"hard_estep_estimator must be None or one of {emission.ESTIMATORS}, "
+                             f"got {self.hard_estep_estimator!r}")
         if not 0.0 <= self.observed_batch_fraction < 1.0:
             raise ValueError(f"observed_batch_fraction must be in [0, 1), got {self.observed_batch_fraction}")
 
@@ -706,6 +711,7 @@ def train(
                 if hard and step // hard > prev // hard and step >= config.loop.warm_start_steps and step < end_of_run:
                     decoded = predict_states(config, parts, state, data.images, data.mask,
                                              num_t=config.loop.hard_estep_num_t, batch_size=config.loop.eval_batch_size,
+                                             estimator=config.loop.hard_estep_estimator,
                                              key=jax.random.fold_in(state.key, HARD_ESTEP_KEY))["states"]
                     assigned = np.where(labels[1] >= 0, labels[1], decoded).astype(np.int32)
                     reseed = {"until": step + hard, "labels": assigned.reshape(-1).tolist()}

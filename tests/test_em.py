@@ -420,13 +420,14 @@ def test_presets_final_estimator_and_observed_batch_fraction():
         ht.LoopConfig(final_estimator="elbow")
 
 
-def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("estimator", [None, "elbo"])
+def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exactly(tmp_path, estimator):
     rng = np.random.default_rng(8)
     labels = rng.integers(0, K, 64).astype(np.int32)
     observed = rng.random(64) < 0.25
     data = ht.TrainData(blobs(rng, labels), labels, observed)
     config = blob_config("mixture", 12, 16, warm_start="kmeans", warm_start_steps=4, hard_estep_every=4,
-                         hard_estep_num_t=2, reseed_every=0, checkpoint_every=4)
+                         hard_estep_num_t=2, hard_estep_estimator=estimator, reseed_every=0, checkpoint_every=4)
     whole = ht.train(config, data, tmp_path / "whole", progress=False)
     metadata = ht.load_run(tmp_path / "whole")[3]
     assigned = np.asarray(metadata["reseed"]["labels"])
@@ -437,8 +438,13 @@ def test_hard_estep_clamps_decoded_classes_keeps_observed_labels_and_resumes_exa
     _, parts, state8, _ = ht.load_run(tmp_path / "whole", step=8)
     decoded = ht.predict_states(config, parts, state8, data.images, None, num_t=2,
                                 batch_size=config.loop.eval_batch_size,
-                                key=jax.random.fold_in(state8.key, ht.HARD_ESTEP_KEY))["states"]
+                                key=jax.random.fold_in(state8.key, ht.HARD_ESTEP_KEY), estimator=estimator)["states"]
     np.testing.assert_array_equal(assigned[~observed], decoded[~observed])
+    if estimator is not None:  # the option is used: the training scorer decodes differently
+        other = ht.predict_states(config, parts, state8, data.images, None, num_t=2,
+                                  batch_size=config.loop.eval_batch_size,
+                                  key=jax.random.fold_in(state8.key, ht.HARD_ESTEP_KEY))["states"]
+        assert np.any(other[~observed] != decoded[~observed])
 
     ht.train(config, data, tmp_path / "split", progress=False, stop_after=6)  # inside the first clamp
     resumed = ht.train(config, data, tmp_path / "split", progress=False, resume=True)
