@@ -418,6 +418,8 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert hmdm_loop.final_estimator is None and hmdm_loop.observed_batch_fraction == 0 and not hmdm_loop.select_t_range
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         ht.LoopConfig(final_estimator="elbow")
+    with pytest.raises(ValueError, match="hard_estep_estimator must be None or one of"):
+        ht.LoopConfig(hard_estep_estimator="elbow")
 
 
 @pytest.mark.parametrize("estimator", [None, "elbo"])
