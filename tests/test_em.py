@@ -411,8 +411,10 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     observed, adds the label loss; HMDM keeps its tempered training scorer, uniform batches and no label loss."""
     mix = ht.preset("cpu-small", "mixture", 10, (8, 8, 1)).loop
     assert (mix.final_estimator, mix.final_num_t, mix.observed_batch_fraction, mix.select_t_range) == ("elbo", 50, 0.5, True)
-    assert ht.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.0).em.label_loss_weight == 0
-    assert ht.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.1).em.label_loss_weight == 0.1
+    unlabelled = ht.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.0)
+    labelled = ht.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.1)
+    assert (unlabelled.em.label_loss_weight, unlabelled.loop.num_steps) == (0, 3000)
+    assert (labelled.em.label_loss_weight, labelled.loop.num_steps) == (0.1, 6000)
     assert ht.preset("cpu-small", "hmdm", 10, (8, 8, 1), observed_labels=0.1).em.label_loss_weight == 0
     hmdm_loop = ht.preset("cpu-small", "hmdm", 10, (8, 8, 1)).loop
     assert hmdm_loop.final_estimator is None and hmdm_loop.observed_batch_fraction == 0 and not hmdm_loop.select_t_range
