@@ -69,6 +69,11 @@ class EMConfig:
         2014): EM alone uses an observed label only to clamp its frame, so a few labels barely move the
         class scores of the unlabelled frames. 0 (default): the paper's EM. Does nothing without labels.
         The mixture's ``cpu-small`` preset sets 0.1 when labels are observed (RESULTS.md).
+      label_loss_frames: score at most this many frames of the global batch in the label loss, the ones
+        with observed labels first, in batch order (None: every frame; frames without a label add no term
+        but cost K network passes with gradients all the same). With at least as many frames as observed
+        labels in the batch the loss is exactly the uncapped one; with fewer, it is the mean over the first
+        ones. Under several devices each scores ``ceil(label_loss_frames / devices)`` of its own share.
     """
 
     num_classes: int
@@ -91,6 +96,7 @@ class EMConfig:
     label_dropout: float = 0.0
     emission_chunk_size: int | None = None
     label_loss_weight: float = 0.0
+    label_loss_frames: int | None = None
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -109,6 +115,8 @@ class EMConfig:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.label_loss_weight < 0:
             raise ValueError(f"label_loss_weight must be >= 0, got {self.label_loss_weight}")
+        if self.label_loss_frames is not None and self.label_loss_frames < 1:
+            raise ValueError(f"label_loss_frames must be None or >= 1, got {self.label_loss_frames}")
         if self.t_range is not None and not 0.0 <= self.t_range[0] <= self.t_range[1] <= 1.0:
             raise ValueError(f"t_range must be fractions 0 <= lo <= hi <= 1 of T, got {self.t_range}")
 
@@ -245,12 +253,19 @@ def observed_label_loss(
     :func:`denoising_step`'s ``extra_loss``; None when ``config.label_loss_weight`` is 0 (nothing traced).
 
     ``key`` is the label key of :func:`step_keys`; under a mapped axis the normaliser counts the observed
-    frames of the global batch.
+    frames of the global batch. ``config.label_loss_frames`` caps the frames scored (observed ones first).
     """
     if config.label_loss_weight <= 0:
         return None
+    keys = frame_keys(key, y.shape[0], axis_name)  # each frame keeps its draws whether or not others are dropped
+    if config.label_loss_frames is not None:
+        devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+        cap = -(-config.label_loss_frames // devices)
+        if cap < y.shape[0]:
+            # the labelled frames first (a stable sort keeps batch order), then a static-size slice
+            picked = jnp.argsort(labels < 0, stable=True)[:cap]
+            y, labels, keys = y[picked], labels[picked], keys[picked]
     normalizer = psum_if(jnp.sum(labels >= 0).astype(jnp.float32), axis_name)
-    keys = frame_keys(key, y.shape[0], axis_name)
     return lambda params: label_loss(config, eps_fn, params, schedule, y, labels, keys, log_prior, step, normalizer)
 
 

@@ -175,6 +175,38 @@ def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_
     assert float(fn(params - 0.05 * grad)) < float(loss)
 
 
+def test_label_loss_frames_scores_observed_frames_first_and_a_cap_above_their_count_changes_nothing():
+    """em.observed_label_loss with ``label_loss_frames``: a cap at or above the number of observed frames
+    gives exactly the uncapped loss (same per-frame draws); a smaller cap is the mean over the first
+    observed frames in batch order, each with its own key; a cap below 1 is refused."""
+    rng = np.random.default_rng(11)
+    schedule = diffusion.linear_schedule(200)
+    labels = rng.integers(0, K, 24).astype(np.int32)
+    y = jnp.asarray(blobs(rng, labels, spread=0.4))
+    observed = np.full(24, -1, np.int32)
+    rows = np.array([2, 5, 9, 13, 17, 20, 23])  # scattered, so the cap must move them to the front
+    observed[rows] = labels[rows]
+    eps_fn, params = oracle_eps_fn(schedule), jnp.asarray(CENTERS) * 0.3
+    log_prior, key = jnp.log(jnp.full(K, 1.0 / K)), jax.random.PRNGKey(12)
+    base = em.EMConfig(num_classes=K, t_range=(0.02, 0.2), temperature=50.0, label_loss_weight=0.3)
+
+    def loss(cap):
+        config = dataclasses.replace(base, label_loss_frames=cap)
+        return float(em.observed_label_loss(config, eps_fn, schedule, y, jnp.asarray(observed), log_prior, 0, key)(params))
+
+    uncapped = loss(None)
+    assert uncapped > 0.05
+    np.testing.assert_allclose([loss(7), loss(16)], uncapped, rtol=1e-6)
+    keys = em.frame_keys(key, 24)
+    first = rows[:3]
+    expected = em.label_loss(base, eps_fn, params, schedule, y[first], jnp.asarray(observed[first]), keys[first],
+                             log_prior, 0, jnp.float32(3))
+    np.testing.assert_allclose(loss(3), float(expected), rtol=1e-6)
+    assert abs(loss(3) - uncapped) > 1e-3
+    with pytest.raises(ValueError, match="label_loss_frames"):
+        em.EMConfig(num_classes=K, label_loss_frames=0)
+
+
 @pytest.mark.parametrize("model_type", ["mixture", "hmdm"])
 def test_label_loss_weight_adds_the_term_to_the_step_and_zero_keeps_the_old_draws(model_type):
     """With α > 0 the step reports a positive label loss; with α = 0 it splits the step key into three
