@@ -441,8 +441,11 @@ def test_observed_batch_fraction_draws_that_share_from_labelled_items():
 def test_presets_final_estimator_and_observed_batch_fraction():
     """The mixture is finally classified by its grid ELBO, weights labelled images up and, when labels are
     observed, adds the label loss; HMDM keeps its tempered training scorer, uniform batches and no label loss."""
-    mix = ht.preset("cpu-small", "mixture", 10, (8, 8, 1)).loop
+    mix = ht.preset("cpu-small", "mixture", 10, (8, 8, 1), num_images=1797).loop
     assert (mix.final_estimator, mix.final_num_t, mix.observed_batch_fraction, mix.select_t_range) == ("elbo", 50, 0.5, True)
+    assert mix.warm_start == "ward"
+    # Ward's O(N²) memory: image sets above its limit keep k-means (the run would otherwise be refused)
+    assert ht.preset("cpu-small", "mixture", 10, (28, 28, 1), num_images=60_000).loop.warm_start == "kmeans"
     unlabelled = ht.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.0)
     labelled = ht.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.1)
     assert (unlabelled.em.label_loss_weight, unlabelled.loop.num_steps) == (0, 3000)
@@ -450,6 +453,7 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert ht.preset("cpu-small", "hmdm", 10, (8, 8, 1), observed_labels=0.1).em.label_loss_weight == 0
     hmdm_loop = ht.preset("cpu-small", "hmdm", 10, (8, 8, 1)).loop
     assert hmdm_loop.final_estimator is None and hmdm_loop.observed_batch_fraction == 0 and not hmdm_loop.select_t_range
+    assert hmdm_loop.warm_start == "kmeans"
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         ht.LoopConfig(final_estimator="elbow")
     with pytest.raises(ValueError, match="hard_estep_estimator must be None or one of"):
