@@ -74,6 +74,12 @@ class EMConfig:
         but cost K network passes with gradients all the same). With at least as many frames as observed
         labels in the batch the loss is exactly the uncapped one; with fewer, it is the mean over the first
         ones. Under several devices each scores ``ceil(label_loss_frames / devices)`` of its own share.
+      balance_classes: mixture only. The E-step samples each frame's class from the batch posterior
+        rescaled by per-class offsets (:func:`balanced_class_posterior`) so that class k receives B·π_k of
+        the global batch's frames in expectation (the equipartition constraint of
+        self-labelling clustering, Asano et al., 2020; Caron et al., 2020). It rules out the collapse of a
+        sharp E-step into one or two classes, which a low temperature otherwise causes on 28×28 frames
+        (RESULTS.md). False (default): the model's own posterior, as the paper.
     """
 
     num_classes: int
@@ -97,6 +103,7 @@ class EMConfig:
     emission_chunk_size: int | None = None
     label_loss_weight: float = 0.0
     label_loss_frames: int | None = None
+    balance_classes: bool = False
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -484,6 +491,66 @@ def end_epoch(config: EMConfig, state: TrainState) -> TrainState:
     return state.replace(
         class_counts=jnp.zeros_like(state.class_counts), transition_counts=jnp.zeros_like(state.transition_counts)
     )
+
+
+BALANCE_SCALES = 16  # ε-scaling stages of the balanced E-step (from soft to the actual posterior)
+BALANCE_ITERATIONS = 5  # Sinkhorn iterations per stage
+
+
+def balanced_class_posterior(log_post: Array, log_pi: Array, axis_name: str | None = None) -> Array:
+    """The batch posterior rescaled so that every class receives its prior share of the batch.
+
+    Finds per-class offsets c_k such that ``softmax_k(log_post[i] + c)`` summed over the (global) batch
+    gives class k a total of B·π_k: Sinkhorn–Knopp in log space (column rescaling, then row
+    normalisation), with ε-scaling: the scores are first flattened by a factor λ₀ = 1 / (their spread) and
+    sharpened in ``BALANCE_SCALES`` geometric stages to λ = 1, carrying the offsets over. Plain Sinkhorn
+    needs thousands of iterations on E-step scores, whose differences run to hundreds of nats; this needs
+    80. Rows are normalised last, so each row is a distribution to sample from. With near one-hot rows the
+    column totals can only be met to about a frame.
+
+    The result is ``log_post + a_i + c_k`` (a per-frame and a per-class offset), so the order of classes
+    within a frame is kept; −inf entries (clamped labels) stay −inf, so a clamped frame keeps its class.
+
+    Args:
+      log_post: ``[B, K]`` normalised log-probabilities (−inf allowed).
+      log_pi: ``[K]`` log prior: the target class shares.
+      axis_name: under a named mapped axis the column totals and the spread are over the global batch, so
+        the result equals the single-device one on the concatenated batch.
+
+    Returns:
+      ``[B, K]`` normalised log-probabilities.
+    """
+    finite = jnp.isfinite(log_post)
+    extremes = jnp.stack([jnp.max(jnp.where(finite, log_post, 0.0)), -jnp.min(jnp.where(finite, log_post, 0.0))])
+    extremes = extremes if axis_name is None else jax.lax.pmax(extremes, axis_name)
+    spread = extremes[0] + extremes[1]
+    scales = jnp.exp(jnp.linspace(-jnp.log(jnp.maximum(spread, 1.0)), 0.0, BALANCE_SCALES))
+    target = jnp.log(psum_if(jnp.float32(log_post.shape[0]), axis_name)) + log_pi
+
+    no_prior = jnp.zeros(log_post.shape[-1], log_post.dtype)
+    normalise_rows = lambda x: emission.class_log_posterior(x, no_prior)  # all −inf rows stay so
+
+    def column_log_totals(x):
+        top = jnp.max(x, axis=0)
+        top = top if axis_name is None else jax.lax.pmax(top, axis_name)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        return top + jnp.log(psum_if(jnp.sum(jnp.exp(x - top), axis=0), axis_name))
+
+    def stage(carry, scale):
+        offsets, previous_scale = carry
+        scaled = jnp.where(finite, log_post * scale, -jnp.inf)
+        offsets = offsets * (scale / previous_scale)  # the offsets grow with the sharpness
+
+        def iteration(_, offsets):
+            totals = column_log_totals(normalise_rows(scaled + offsets))
+            # a class no frame can take (its column all −inf) keeps its offset
+            return offsets + jnp.where(jnp.isfinite(totals), target - totals, 0.0)
+
+        return (jax.lax.fori_loop(0, BALANCE_ITERATIONS, iteration, offsets), scale), None
+
+    init = (jnp.zeros(log_post.shape[-1], log_post.dtype), scales[0])
+    offsets = jax.lax.scan(stage, init, scales)[0][0]
+    return normalise_rows(log_post + offsets)
 
 
 def posterior_entropy(log_post: Array) -> Array:

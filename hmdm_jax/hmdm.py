@@ -89,6 +89,10 @@ def make_train_step(
     ``config.label_loss_weight > 0`` (frame-wise, uniform prior: see ``em.label_loss``).
     """
     k = config.num_classes
+    if config.balance_classes:
+        # the states of a sequence are sampled jointly (FFBS); a per-frame rescaling would break the chain
+        raise ValueError("EMConfig.balance_classes is for the mixture; HMDM samples its states with FFBS "
+                         "and keeps them alive by re-seeding dead states (LoopConfig.reseed_every)")
 
     def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
         images, mask, labels = _batch_fields(batch)

@@ -3,7 +3,8 @@
 Each image y has a class x ~ Categorical(π) and, given x, a class-conditional DDPM. One step:
 
 1. E-step: score all K classes of each frame (``em.score_classes``, common random numbers across
-   classes), clamp observed labels, and sample x from p̃(x = k | z, y) ∝ b̃_k π_k;
+   classes), clamp observed labels, and sample x from p̃(x = k | z, y) ∝ b̃_k π_k (optionally balanced
+   over the batch, ``EMConfig.balance_classes``);
 2. a DDPM ε-loss gradient step with the sampled classes (optax) and the EMA update;
 3. M-step on π from the sampled class counts (Dirichlet pseudo-counts; fixed uniform by default).
 
@@ -24,6 +25,7 @@ from hmdm_jax.em import (
     EMConfig,
     EpsFn,
     accumulate_counts,
+    balanced_class_posterior,
     denoising_step,
     evaluation_config,
     frame_keys,
@@ -85,6 +87,8 @@ def make_train_step(
         score_params = state.ema_params if config.score_with_ema else state.params
         log_b = score_classes(config, eps_fn, score_params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
         log_post = class_posterior(log_b, state.log_pi, labels)
+        if config.balance_classes:
+            log_post = balanced_class_posterior(log_post, state.log_pi, axis_name)
         classes = jax.vmap(jax.random.categorical)(frame_keys(key_sample, batch_size, axis_name), log_post)
 
         step_before_update = state.step

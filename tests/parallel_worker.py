@@ -24,7 +24,8 @@ def max_diff(a, b):
 
 
 def compare(name, mesh):
-    """``name``: "mixture", "hmdm", or "mixture-label" (the mixture with the capped label loss)."""
+    """``name``: "mixture", "hmdm", "mixture-label" (the mixture with the capped label loss) or
+    "mixture-balanced" (the mixture with the balanced E-step)."""
     model_type = name.split("-")[0]
     rng = np.random.default_rng(0)
     model = models.build_model(models.get_model_config("mlp-small"), K)
@@ -37,6 +38,8 @@ def compare(name, mesh):
         # a cap of 8 frames is 2 per device, at least the observed frames of each share (one on each of
         # devices 0-2): the sharded loss must equal the single-device one
         config = dataclasses.replace(config, label_loss_weight=0.5, label_loss_frames=8)
+    if name == "mixture-balanced":  # the balanced E-step: class totals over the global batch
+        config = dataclasses.replace(config, balance_classes=True)
     factory = hmdm.make_train_step if model_type == "hmdm" else mixture.make_train_step
     if model_type == "hmdm":
         shape = (8, 5)
@@ -63,7 +66,18 @@ def compare(name, mesh):
         error = None
     except ValueError as e:
         error = str(e)
+    balanced_diff = None
+    if name == "mixture-balanced":  # the balanced posterior itself, on a batch that prefers class 0 strongly
+        log_post = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(16, K)) * 30.0 + [40.0, 0.0, 0.0], jnp.float32))
+        sharded = jax.jit(jax.shard_map(lambda lp: em.balanced_class_posterior(lp, state.log_pi, parallel.DATA_AXIS),
+                                        mesh=mesh, in_specs=parallel.P(parallel.DATA_AXIS),
+                                        out_specs=parallel.P(parallel.DATA_AXIS)))
+        one = em.balanced_class_posterior(log_post, state.log_pi)
+        balanced_diff = max_diff(jnp.exp(one), jnp.exp(sharded(log_post)))
+        balanced_column_error = float(jnp.max(jnp.abs(jnp.exp(one).sum(0) - 16 / K)))
     return {
+        "balanced_diff": balanced_diff,
+        "balanced_column_error": balanced_column_error if balanced_diff is not None else None,
         "model": name,
         "devices": int(mesh.devices.size),
         "loss": abs(float(m1["loss"]) - float(m4["loss"])),

@@ -10,6 +10,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, models, warm_start
@@ -112,6 +113,53 @@ def test_clamped_labels_are_never_changed():
     post = np.exp(np.asarray(mixture.class_posterior(log_b.reshape(-1, K), jnp.zeros(K), jnp.asarray(observed.reshape(-1)))))
     rows = observed.reshape(-1) >= 0
     np.testing.assert_array_equal(post[rows], np.eye(K)[observed.reshape(-1)[rows]])
+
+
+def test_balanced_posterior_gives_each_class_its_prior_share_and_only_rescales_rows_and_columns():
+    """Sinkhorn balancing: rows stay distributions, class k's column sums to B·π_k (a skewed batch that
+    prefers class 0 included), the change is a per-frame plus a per-class offset (so each frame's class
+    order is kept), clamped frames keep their class, and a class no frame can take gives no NaN."""
+    rng = np.random.default_rng(11)
+    batch, k = 60, 4
+    logits = rng.normal(size=(batch, k)) * 2.0 + np.array([3.0, 0.0, -1.0, 0.5])  # class 0 preferred
+    labels = np.full(batch, -1, np.int32)
+    labels[:6] = [0, 1, 2, 3, 2, 1]
+    log_pi = jnp.log(jnp.asarray([0.1, 0.2, 0.3, 0.4], jnp.float32))
+    log_post = mixture.class_posterior(jnp.asarray(logits, jnp.float32), log_pi, jnp.asarray(labels))
+    balanced = np.asarray(em.balanced_class_posterior(log_post, log_pi), np.float64)
+    assert np.exp(np.asarray(log_post))[:, 0].sum() > 0.4 * batch  # unbalanced before
+    np.testing.assert_allclose(np.exp(balanced).sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.exp(balanced).sum(0), batch * np.exp(np.asarray(log_pi)), atol=1e-3 * batch)
+    np.testing.assert_array_equal(np.exp(balanced[:6]), np.eye(k)[labels[:6]])  # clamped frames keep their class
+    free = balanced[6:] - np.asarray(log_post, np.float64)[6:]  # = a_i + c_k on the free frames
+    double_difference = free - free[:, :1] - free[:1, :] + free[:1, :1]
+    np.testing.assert_allclose(double_difference, 0.0, atol=1e-3)
+    # no frame may take class 3: its column stays −inf, the rest stays finite
+    impossible = jnp.asarray(np.where(np.arange(k) == 3, -np.inf, np.log(np.full((batch, k), 1 / 3))), jnp.float32)
+    out = np.asarray(em.balanced_class_posterior(impossible, jnp.full(k, -np.log(k))))
+    assert not np.isnan(out).any() and np.all(out[:, 3] == -np.inf)
+    np.testing.assert_allclose(np.exp(out).sum(1), 1.0, atol=1e-5)
+
+
+def test_balanced_mixture_step_shares_the_batch_even_when_one_class_explains_every_frame():
+    """All frames from blob 0 under the exact per-class ε: at a sharp temperature the paper's E-step gives
+    every frame class 0; with ``balance_classes`` each class takes close to a third of the batch."""
+    rng = np.random.default_rng(12)
+    schedule = diffusion.linear_schedule(200)
+    y = jnp.asarray(blobs(rng, np.zeros(96, np.int32)))
+    params = jnp.asarray(CENTERS)
+    optimizer = optax.sgd(0.0)
+    usage = {}
+    for balance in (False, True):
+        config = em.EMConfig(num_classes=K, t_range=(0.02, 0.2), temperature=0.05, balance_classes=balance)
+        step = jax.jit(mixture.make_train_step(config, oracle_eps_fn(schedule), schedule, optimizer))
+        state = create_train_state(jax.random.PRNGKey(0), params, optimizer, K)
+        usage[balance] = np.asarray(step(state, {"images": y}, jax.random.PRNGKey(1))[1]["class_usage"])
+    assert usage[False][0] > 0.95
+    assert np.all(np.abs(usage[True] - 1 / K) < 0.06)
+    with pytest.raises(ValueError, match="balance_classes is for the mixture"):
+        hmdm.make_train_step(em.EMConfig(num_classes=K, balance_classes=True), oracle_eps_fn(schedule), schedule,
+                             optimizer)
 
 
 @pytest.mark.parametrize("model_type", ["mixture", "hmdm"])
