@@ -65,7 +65,7 @@ def main(argv=None):
     if labelled.any():
         acc, mapping = metrics.matched_accuracy(images.labels, pred, k, k)
         results.update(accuracy=acc, matching=mapping, **metrics.clustering_scores(images.labels[labelled], pred[labelled]))
-        if args.observed_labels > 0:
+        if observed.any() and (labelled & ~observed).any():  # none are masked when every label is observed
             results["masked_label_accuracy"] = metrics.masked_label_accuracy(images.labels, pred, observed, mapping)
         flat = images.images.reshape(len(images.images), -1)
         results["baselines"] = {
