@@ -56,7 +56,7 @@ class LoopConfig:
       batch_size: frames (mixture) or sequences (HMDM) per step, global over all devices.
       warm_start: "kmeans" (clamp k-means cluster labels for ``warm_start_steps``; seeded by the class
         means of the observed labels when every class has some), "ward" (Ward's agglomerative clusters;
-        ≤ 30k frames) or "none".
+        ≤ 30k frames; the mixture's ``cpu-small`` preset uses it when the images fit) or "none".
       warm_start_steps: length of the warm start.
       steps_per_call: fuse this many steps into one jitted ``lax.scan`` (cuts dispatch on small models).
       log_every, eval_every, checkpoint_every: in steps (0 disables evaluation/checkpoints).
@@ -240,8 +240,9 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
             # the label-free band choice: the mixture on all digits reached 0.846 / 0.865 (seeds 0 / 1) with
             # it against 0.822 / 0.823 with the fixed 30–60 % band (RESULTS.md); HMDM measured worse with it.
             # Ward's clusters as the warm start, with that band choice: 0.930 / 0.922 / 0.926 (seeds 0–2)
-            # against 0.846 / 0.865 / 0.860 from k-means (the band chosen is 5–20 % of T, not 10–40 %).
-            # Ward needs O(N²) memory, so larger image sets keep k-means.
+            # against 0.846 / 0.865 / 0.860 from k-means (the band chosen is 5–20 % of T, not 10–40 %);
+            # with 10 % labels 0.978 / 0.976 / 0.986 on the masked labels against 0.972 / 0.967 / 0.968
+            # from seeded k-means. Ward needs O(N²) memory, so larger image sets keep k-means.
             fits_ward = data.get("num_images", 0) <= warm_start.MAX_WARD_FRAMES
             loop = dataclasses.replace(loop, final_estimator="elbo", final_num_t=50, observed_batch_fraction=0.5,
                                        select_t_range=True, warm_start="ward" if fits_ward else "kmeans")
@@ -249,7 +250,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
                 # the label loss: 0.972 / 0.960 / 0.954 on the masked labels (10 % observed, seeds 0–2)
                 # against 0.944 / 0.949 / 0.947 without; α = 0.3 tied 0.1, α = 1 lost 1.6 points (seed 1).
                 # Without labels it would only cost K network passes and shift the random streams.
-                # 6,000 steps: 0.972 / 0.967 / 0.968 against 0.972 / 0.960 / 0.954 at 3,000 (1,639 s, two runs sharing 2 cores).
+                # 6,000 steps: 0.972 / 0.967 / 0.968 against 0.972 / 0.960 / 0.954 at 3,000 (k-means start;
+                # 1,639 s, two runs sharing 2 cores).
                 em_config = dataclasses.replace(em_config, label_loss_weight=0.1)
                 loop = dataclasses.replace(loop, num_steps=6000)
         return RunConfig(model_type, network, em_config, event_shape, loop=loop, data=tuple(data.items()))
