@@ -219,7 +219,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
 
     ``data`` is the record of where the frames came from, saved in the config (``source=...``,
     ``num_images=...``); ``observed_labels`` (the fraction of labels clamped in training) also turns on the
-    mixture's label loss (``em.label_loss_weight = 0.1``) and 6,000 steps in ``cpu-small``.
+    mixture's label loss (``em.label_loss_weight = 0.1``) and 6,000 steps in ``cpu-small``, and
+    ``num_images`` up to ``warm_start.MAX_WARD_FRAMES`` (or absent) gives the mixture Ward's warm start there.
     """
     event_shape = tuple(int(d) for d in event_shape)
     sequences = model_type == "hmdm"
