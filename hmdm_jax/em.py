@@ -539,7 +539,7 @@ def balanced_class_posterior(log_post: Array, log_pi: Array, axis_name: str | No
 
     def stage(carry, scale):
         offsets, previous_scale = carry
-        scaled = jnp.where(finite, log_post * scale, -jnp.inf)
+        scaled = log_post * scale  # scale > 0: −inf entries stay −inf
         offsets = offsets * (scale / previous_scale)  # the offsets grow with the sharpness
 
         def iteration(_, offsets):

@@ -66,7 +66,7 @@ def compare(name, mesh):
         error = None
     except ValueError as e:
         error = str(e)
-    balanced_diff = None
+    balanced_diff = balanced_column_error = None
     if name == "mixture-balanced":  # the balanced posterior itself, on a batch that prefers class 0 strongly
         log_post = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(16, K)) * 30.0 + [40.0, 0.0, 0.0], jnp.float32))
         sharded = jax.jit(jax.shard_map(lambda lp: em.balanced_class_posterior(lp, state.log_pi, parallel.DATA_AXIS),
@@ -77,7 +77,7 @@ def compare(name, mesh):
         balanced_column_error = float(jnp.max(jnp.abs(jnp.exp(one).sum(0) - 16 / K)))
     return {
         "balanced_diff": balanced_diff,
-        "balanced_column_error": balanced_column_error if balanced_diff is not None else None,
+        "balanced_column_error": balanced_column_error,
         "model": name,
         "devices": int(mesh.devices.size),
         "loss": abs(float(m1["loss"]) - float(m4["loss"])),
