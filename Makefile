@@ -6,14 +6,19 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test test-all bench
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs the core only; the tests add the test extra (pytest, hmmlearn, TensorFlow for TFDS).
+$(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) experiments/hmdm.py --data digits --preset cpu-small --workdir runs/demo
+demo: $(VENV)/.core
+	$(PY) experiments/hmdm.py --data digits --preset cpu-small --workdir runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" -n auto --dist loadfile

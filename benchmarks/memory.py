@@ -11,7 +11,7 @@ peak grows linearly with the batch for every config), never run (the state and b
     jax.jit(step, donate_argnums=0).lower(state, batch, key).compile().memory_analysis()
 
 The step's footprint is temp + argument + output − alias bytes (the state is donated, as the training
-loop ``train.make_step`` does, so the new state reuses the old one's buffers: alias = the state). The
+loop ``run.parts.make_step`` does, so the new state reuses the old one's buffers: alias = the state). The
 per-frame memory is the difference between the two batch sizes divided by the difference in frames;
 the fixed part (parameters, EMA, Adam moments, workspace) is what is left at zero frames. From these,
 the largest batch that fits an accelerator of 16 GiB and 80 GiB with 10% headroom. Rows ``name@c``
@@ -41,7 +41,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 
-from hmdm_jax import hmdm, models, train  # noqa: E402
+from hmdm_jax import hmdm, models, run  # noqa: E402
 from hmdm_jax.state import create_train_state  # noqa: E402
 
 GIB = 2**30
@@ -55,8 +55,8 @@ def event_shape_for(name: str) -> tuple[int, ...]:
     return MLP_EVENT_SHAPE if name.startswith("mlp") else models.PRESET_EVENT_SHAPES[name]
 
 
-def abstract_state(config: train.RunConfig, parts: train.RunParts):
-    """``train.init_state``'s TrainState as ``ShapeDtypeStruct`` leaves, without computing anything.
+def abstract_state(config: run.RunConfig, parts: run.parts.RunParts):
+    """``run.init_state``'s TrainState as ``ShapeDtypeStruct`` leaves, without computing anything.
 
     Built from ``models.param_shapes`` rather than by tracing ``init_state``: the parameter initialiser
     is a top-level jit with its own compiler options, which cannot be traced inside ``eval_shape``.
@@ -64,13 +64,13 @@ def abstract_state(config: train.RunConfig, parts: train.RunParts):
     params = models.param_shapes(parts.model, config.event_shape)
     return jax.eval_shape(
         lambda p: create_train_state(
-            jax.random.PRNGKey(config.seed), p, parts.optimizer, config.em.num_classes, config=config
+            jax.random.PRNGKey(config.seed), p, parts.optimizer, config.em.num_classes
         ),
         params,
     )
 
 
-def step_bytes(config: train.RunConfig, parts: train.RunParts, batch: int, length: int) -> dict:
+def step_bytes(config: run.RunConfig, parts: run.parts.RunParts, batch: int, length: int) -> dict:
     """memory_analysis() of the compiled, donated HMDM step for ``batch`` sequences of ``length`` frames."""
     state = abstract_state(config, parts)
     sds = jax.ShapeDtypeStruct
@@ -110,10 +110,10 @@ def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) 
     """Per-frame and fixed bytes of the HMDM step with preset ``spec`` (see :func:`parse_config`),
     from two compiled batch sizes."""
     name, chunk = parse_config(spec)
-    config = train.preset("cpu-small", "hmdm", num_classes, event_shape_for(name))
+    config = run.preset("cpu-small", "hmdm", num_classes, event_shape_for(name))
     em_config = dataclasses.replace(config.em, emission_chunk_size=chunk, num_t=2)
     config = dataclasses.replace(config, network=models.get_model_config(name), em=em_config)
-    parts = train.build_parts(config)
+    parts = run.build_parts(config)
     start = time.perf_counter()
     small, large = (step_bytes(config, parts, b, length) for b in batches)
     per_frame = (large["total"] - small["total"]) / ((batches[1] - batches[0]) * length)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmdm_jax import em, hmdm, hmm, mixture, models, train
+from hmdm_jax import em, hmdm, hmm, mixture, models, run
 
 TARGET = 1.25  # hmdm step / (plain step + K forward passes)
 
@@ -48,18 +48,18 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def make_config(network: str, num_classes: int, event_shape: tuple[int, ...], num_t: int) -> train.RunConfig:
+def make_config(network: str, num_classes: int, event_shape: tuple[int, ...], num_t: int) -> run.RunConfig:
     """The ``cpu-small`` HMDM preset with ``network`` as the ε-network (its default is ``mlp``) and
     ``num_t`` t-draws per frame in the emission (the preset's default estimator, ``eps_mse``)."""
-    config = train.preset("cpu-small", "hmdm", num_classes, event_shape)
+    config = run.preset("cpu-small", "hmdm", num_classes, event_shape)
     em_config = dataclasses.replace(config.em, num_t=num_t)
     return dataclasses.replace(config, network=models.get_model_config(network), em=em_config)
 
 
-def make_calls(config: train.RunConfig, batch: int, length: int, seed: int = 0) -> dict:
+def make_calls(config: run.RunConfig, batch: int, length: int, seed: int = 0) -> dict:
     """Name -> (jitted function, args) for every timed quantity, on shared parameters and frames."""
-    parts = train.build_parts(config)
-    state = train.init_state(config, parts)
+    parts = run.build_parts(config)
+    state = run.init_state(config, parts)
     k, num_t = config.em.num_classes, config.em.num_t
     rng = np.random.default_rng(seed)
     frames_total = batch * length
@@ -85,7 +85,7 @@ def make_calls(config: train.RunConfig, batch: int, length: int, seed: int = 0) 
         return jax.vmap(lambda c: parts.eps_fn(params, z, t, jnp.full(t.shape, c)))(ks)
 
     forward = jax.jit(all_classes)
-    t = jnp.asarray(rng.integers(1, config.diffusion.num_steps + 1, frames_total), jnp.int32)
+    t = jnp.asarray(rng.integers(1, config.diffusion.timesteps + 1, frames_total), jnp.int32)
     z_rep = jnp.repeat(frames, num_t, axis=0)
     t_rep = jnp.repeat(t, num_t)
 
@@ -108,7 +108,7 @@ def make_calls(config: train.RunConfig, batch: int, length: int, seed: int = 0) 
     }
 
 
-def bench(config: train.RunConfig, batch: int, length: int, repeats: int) -> dict:
+def bench(config: run.RunConfig, batch: int, length: int, repeats: int) -> dict:
     """Median seconds per call of every quantity of :func:`make_calls`, interleaved."""
     calls = make_calls(config, batch, length)
     for fn, args in calls.values():  # compile
@@ -122,7 +122,7 @@ def bench(config: train.RunConfig, batch: int, length: int, repeats: int) -> dic
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def report(network: str, config: train.RunConfig, batch: int, length: int, t: dict) -> list[str]:
+def report(network: str, config: run.RunConfig, batch: int, length: int, t: dict) -> list[str]:
     """Markdown rows: times (ms) and the ratios against the target's baseline."""
     num_t = config.em.num_t
     base = t["plain step"] + t["K fwd"]

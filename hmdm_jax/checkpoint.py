@@ -17,12 +17,13 @@ Typical training loop::
         state = create_train_state(...)              # also the restore template
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
-        while int(state.step) < num_steps:
-            state = train_step(state, batch)
-            ckpt.save(state, metadata=meta)          # only every `save_every` steps; asynchronous
+        step = ckpt.latest_step() or 0               # the step count lives on the host
+        while step < num_steps:
+            state, step = train_step(state, batch), step + 1
+            ckpt.save(state, step=step, metadata=meta)  # only every `save_every` steps; asynchronous
             if guard.should_stop:                    # SIGTERM (preemptible VM) or Ctrl-C
                 break
-        ckpt.save(state, metadata=meta, force=True)  # the last completed step
+        ckpt.save(state, step=step, metadata=meta, force=True)  # the last completed step
     # leaving the `with` waits for the pending write: the process can exit with code 0
 
 Crash safety: Orbax writes each step into ``<dir>/<step>.orbax-checkpoint-tmp`` and renames it to
@@ -348,9 +349,10 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------- save
 
-    def save(self, state: TrainState, *, metadata: Mapping[str, Any] | None = None,
+    def save(self, state: TrainState, *, step: int, metadata: Mapping[str, Any] | None = None,
              force: bool = False) -> bool:
-        """Starts an asynchronous save of ``state`` at step ``int(state.step)``.
+        """Starts an asynchronous save of ``state`` at ``step``, the caller's host-side count of its steps
+        (reading ``state.step`` would wait for the device on every call, saving or not).
 
         Writes all leaves of ``state``, its config as JSON and ``metadata``. Without ``force``,
         saves only when ``state.step`` is a multiple of ``save_every`` and newer than the latest
@@ -360,6 +362,7 @@ class Checkpointer:
 
         Args:
           state: the training state; its ``config`` must be a dataclass, a mapping or None.
+          step: ``state.step`` as the caller counts it.
           metadata: JSON-able dict saved beside the state, e.g. ``{"state_to_label": [2, 0, 1]}``.
           force: save regardless of ``save_every``.
 
@@ -374,7 +377,7 @@ class Checkpointer:
             raise CheckpointError(f"{self._directory} was opened read_only; cannot save")
         if not isinstance(state, TrainState):
             raise CheckpointError(f"save expects a TrainState, got {type(state).__name__}")
-        step = int(jax.device_get(state.step))
+        step = int(step)
         if step < 0:
             raise CheckpointError(f"cannot save a negative step ({step})")
         if step in self._manager.all_steps():

@@ -55,8 +55,10 @@ class EMConfig:
       learn_pi: re-estimate π from sampled counts (False: π stays as initialised, uniform by default).
       learn_A: re-estimate A (HMDM).
       prior_update: "running": counts decay by ``1 − count_decay`` each step and π, A are re-estimated
-        every step; "epoch": counts accumulate and π, A change only in ``end_epoch``.
+        every step; "epoch": counts accumulate and π, A are re-estimated (and the counts reset) every
+        ``epoch_steps`` steps, inside the train step.
       count_decay: ρ of the running update; the counts average ≈ 1/ρ recent batches.
+      epoch_steps: the epoch length of ``prior_update="epoch"`` (required there, unused otherwise).
       pseudo_count: Dirichlet pseudo-count added to every class and every transition.
       sticky_count: extra pseudo-count on the diagonal of A (a sticky prior).
       counts_from: HMDM M-step statistics from the "sampled" paths or "smoothed" expected counts.
@@ -97,6 +99,7 @@ class EMConfig:
     learn_A: bool = True
     prior_update: str = "running"
     count_decay: float = 0.05
+    epoch_steps: int = 0
     pseudo_count: float = 1.0
     sticky_count: float = 0.0
     counts_from: str = "sampled"
@@ -115,6 +118,8 @@ class EMConfig:
             raise ValueError(f"prior_update must be one of {PRIOR_UPDATES}, got {self.prior_update!r}")
         if self.counts_from not in COUNTS_FROM:
             raise ValueError(f"counts_from must be one of {COUNTS_FROM}, got {self.counts_from!r}")
+        if self.prior_update == "epoch" and self.epoch_steps < 1:
+            raise ValueError("prior_update='epoch' needs epoch_steps >= 1 (the steps between M-steps)")
         if not 0.0 < self.count_decay <= 1.0:
             raise ValueError(f"count_decay must be in (0, 1], got {self.count_decay}")
         if self.pseudo_count <= 0:
@@ -125,6 +130,11 @@ class EMConfig:
             raise ValueError(f"label_loss_weight must be >= 0, got {self.label_loss_weight}")
         if self.label_loss_frames is not None and self.label_loss_frames < 1:
             raise ValueError(f"label_loss_frames must be None or >= 1, got {self.label_loss_frames}")
+        emission.get_estimator(self.estimator)  # an unknown name: ValueError listing emission.ESTIMATORS
+        if self.num_t is not None and self.num_t < 1:
+            raise ValueError(f"num_t must be >= 1 (or None), got {self.num_t}")
+        # Whether the estimator takes a band is checked where the band is used (resolved_t_range), not
+        # here: dotted overrides replace one field at a time ("em.estimator=elbo", then "em.t_range=null").
         if self.t_range is not None and not 0.0 <= self.t_range[0] <= self.t_range[1] <= 1.0:
             raise ValueError(f"t_range must be fractions 0 <= lo <= hi <= 1 of T, got {self.t_range}")
 
@@ -149,23 +159,35 @@ FINAL_STEP = 2**30  # a step past any annealing: scoring at evaluation uses the 
 
 
 def evaluation_config(config: EMConfig, estimator: str | None = None, num_t: int | None = None) -> EMConfig:
-    """``config`` with the emission estimator and number of t-draws overridden for evaluation."""
-    overrides = {name: value for name, value in (("estimator", estimator), ("num_t", num_t)) if value is not None}
-    config = dataclasses.replace(config, **overrides)
-    # the single-draw estimators: averaging draws of random_t is multi_t; last_decoder has one t only
-    if config.estimator == "random_t" and config.num_t > 1:
-        config = dataclasses.replace(config, estimator="multi_t")
-    elif config.estimator == "last_decoder" and config.num_t != 1:
-        config = dataclasses.replace(config, num_t=1)
-    return config
+    """``config`` with the emission estimator and number of t-draws overridden for evaluation.
+
+    The pair is resolved by :func:`emission.resolve_num_draws` (random_t with several draws is multi_t,
+    last_decoder keeps one draw). The band ``t_range`` is kept for an estimator that takes one and set to
+    None for one that does not (elbo, last_decoder), whatever the training estimator's band was.
+    """
+    resolved, draws = emission.resolve_num_draws(config.estimator if estimator is None else estimator,
+                                                 config.num_t if num_t is None else num_t)
+    t_range = config.t_range if resolved.takes_band else None
+    return dataclasses.replace(config, estimator=resolved.name, num_t=draws, t_range=t_range)
 
 
 def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None:
-    """``config.t_range`` as inclusive integer steps within 1..T."""
-    if config.t_range is None or config.estimator != "eps_mse":
+    """``config.t_range`` as inclusive integer steps (t_min, t_max) within 1..T (:func:`emission.band_steps`).
+
+    None when ``config.t_range`` is None (the estimator's own default band). Every estimator that takes a
+    band gets it (random_t, multi_t, elbo_term, eps_mse).
+
+    Raises:
+      ValueError: a band for an estimator whose t's are fixed (elbo, last_decoder). ``EMConfig``'s default
+        band is (0.3, 0.6): such configs set ``t_range=None`` (``EMConfig.paper`` and
+        :func:`evaluation_config` do).
+    """
+    if config.t_range is None:
         return None
-    lo = max(1, int(round(config.t_range[0] * num_steps)))
-    return lo, max(lo, int(round(config.t_range[1] * num_steps)))
+    if not emission.get_estimator(config.estimator).takes_band:
+        raise ValueError(f"t_range={config.t_range} does not apply to estimator {config.estimator!r}, whose t's "
+                         "are fixed; set t_range=None (EMConfig's default band is (0.3, 0.6))")
+    return emission.band_steps(config.t_range, num_steps)
 
 
 def class_scores(
@@ -234,7 +256,7 @@ def label_loss(
     Returns:
       ``[]`` ``config.label_loss_weight`` times the summed cross-entropy (nats) divided by ``normalizer``.
     """
-    num_t = config.num_t if config.estimator == "elbo" else 1
+    num_t = config.num_t if emission.get_estimator(config.estimator).grid else 1  # a grid is not a draw
     log_b = class_scores(config, eps_fn, params, schedule, y, keys, step, num_t=num_t)
     log_post = emission.class_log_posterior(log_b, jax.lax.stop_gradient(log_prior))
     observed = labels >= 0
@@ -462,15 +484,19 @@ def dirichlet_log_probs(counts: Array, pseudo_count: float, sticky_count: float 
 
 
 def accumulate_counts(config: EMConfig, state: TrainState, class_counts: Array, transition_counts: Array) -> TrainState:
-    """Adds a batch's counts to the running statistics, then (``running``) re-estimates π and A."""
+    """Adds a batch's counts to the running statistics and re-estimates π and A: every step (``running``),
+    or at the end of every ``epoch_steps`` steps, counting the step just taken (``epoch``)."""
     decay = 1.0 - config.count_decay if config.prior_update == "running" else 1.0
     state = state.replace(
         class_counts=decay * state.class_counts + class_counts,
         transition_counts=decay * state.transition_counts + transition_counts,
     )
     if config.prior_update == "running":
-        state = m_step(config, state)
-    return state
+        return m_step(config, state)
+    epoch_done = state.step % config.epoch_steps == 0
+    updated = end_epoch(config, state)
+    fields = ("log_pi", "log_A", "class_counts", "transition_counts")
+    return state.replace(**{f: jnp.where(epoch_done, getattr(updated, f), getattr(state, f)) for f in fields})
 
 
 def m_step(config: EMConfig, state: TrainState) -> TrainState:
@@ -485,9 +511,7 @@ def m_step(config: EMConfig, state: TrainState) -> TrainState:
 
 
 def end_epoch(config: EMConfig, state: TrainState) -> TrainState:
-    """The epoch-level M-step (``prior_update="epoch"``): re-estimate π, A from the epoch's counts, reset."""
-    if config.prior_update != "epoch":
-        return state
+    """The epoch-level M-step: re-estimate π, A from the accumulated counts, then reset them."""
     state = m_step(config, state)
     return state.replace(
         class_counts=jnp.zeros_like(state.class_counts), transition_counts=jnp.zeros_like(state.transition_counts)

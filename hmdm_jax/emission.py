@@ -3,7 +3,7 @@ r"""Per-class emission log-likelihoods log b̃_k(y) of a class-conditional diffu
 A mixture / HMM of diffusion models needs, for every observation y and every class k, a score
 log b̃_k(y) that stands in for log p_θ(y | x = k): the class posterior is then
 p̃(x = k | y) ∝ exp(log b̃_k(y)) π_k (:func:`class_log_posterior`). The exact likelihood is
-intractable; this module implements the paper's estimator and the better ones we measured.
+intractable; this module implements the paper's estimator and lower-variance alternatives.
 
 The seed paper (shared/seeds/000) has typos in its emission: it writes ``1/√α_1`` where ``1/√α_t`` is
 meant and Algorithm 2 writes ``(1 − α_t)`` for DDPM's ``β_t`` (equal, since α_t = 1 − β_t). We
@@ -11,6 +11,12 @@ implement the standard DDPM formulas of :mod:`hmdm_jax.diffusion` (Ho et al., 20
 
 Estimators (``estimator=``), all [B, K], each *up to class-independent terms* as stated
 -----------------------------------------------------------------------------------------
+Each estimator is one :class:`Estimator` value in the ordered registry ``ESTIMATORS`` (name →
+Estimator): its scoring function and everything the callers need to know about it (its default
+t-band, whether it takes a ``t_range``, whether it is single-draw and what several draws of it
+become — :func:`resolve_num_draws` — whether it draws two noises, uses ``decoder``/``variance``).
+``log_emission`` takes the name or the value; adding an estimator is one registry entry.
+
 Notation: D = number of scalars in one observation, ε_θ = ε_θ(z_t, t, k), z_t = √ᾱ_t y + √(1−ᾱ_t) ε,
 w_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) (so that KL_t = w_t ‖ε − ε_θ‖² + a class-independent constant),
 σ_t² = β_t or β̃_t (``variance=``, see :func:`diffusion.p_variance`; β_1 at t = 1 for both).
@@ -23,10 +29,9 @@ w_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) (so that KL_t = w_t ‖ε − ε_θ
     256-bin discretisation). All Gaussian normalisers are kept. Its expectation is
     (1/T)·[ELBO_k(y) + Σ_{t≥2} H(q(z_{t−1} | z_t, y)) + KL(q(z_T | y) ‖ N(0, I))]: the dropped part
     (entropies of q and the paper's e^T p(z_T) prior term) is class-independent, so ``scale=T`` gives
-    an unbiased single-sample estimate of ELBO_k up to that constant. Measured (issue tracker, model
-    trained with true labels, held-out digits): 0.13 accuracy as a classifier with 1 draw, 0.41 with
-    64 — the ε*-cross-term's spread exceeds the class signal, and one term is ≈ 1/T of log p(y|k).
-    It is here for the paper's ablations; it does not learn unsupervised.
+    an unbiased single-sample estimate of ELBO_k up to that constant. It is a weak classifier: the
+    spread of the ε*-cross-term exceeds the class signal, and one term is ≈ 1/T of log p(y | k).
+    It is here for the paper's ablations (results in RESULTS.md).
 ``"last_decoder"``
     Always t = 1: the decoder log-density log p_θ(y | z_1, k), one z_1 draw (the paper's "always use
     the last decoder" ablation). A proper log-density of y, but only the t = 1 term of the ELBO.
@@ -43,23 +48,22 @@ w_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) (so that KL_t = w_t ‖ε − ε_θ
     grid (:func:`elbo_grid`): the t = 1 decoder term exactly, plus ``num_t − 1`` KL terms at the
     midpoints of ``num_t − 1`` contiguous blocks partitioning {2..T}, each weighted by its block's
     size (a midpoint rule; the weights sum to T − 1, so it is consistent, and exact when every block
-    has one element). Measured: a 50-point grid classified held-out digits with 0.99 accuracy.
+    has one element).
 ``"elbo_term"`` (Rao-Blackwellised single-t ELBO term)
     −n_t · w_t ‖ε − ε_θ‖², t ~ U{t_min..t_max} (default the full 1..T, n_t = t_max − t_min + 1),
     mean over ``num_t`` draws. t = 1 is included: for the Gaussian decoder the class-dependent part
     of −log p_θ(y | z_1, k) is exactly w_1 ‖ε − ε_θ‖² (w_1 = β_1 / (2 σ_1² α_1)), the same formula.
     Unbiased for the class-dependent part of ELBO_k (Gaussian decoder; ``decoder`` is ignored);
     drops the KL constants (D/2)(log(σ_t²/β̃_t) + β̃_t/σ_t² − 1), the decoder normaliser and the
-    prior term. Measured: 0.64 (1 draw) / 0.86 (64 draws).
+    prior term.
 ``"eps_mse"`` (DEFAULT)
     −‖ε − ε_θ‖², unweighted, t ~ U{t_min..t_max}, mean over ``num_t`` draws. Not an estimate of a
     likelihood: it drops everything class-independent *and* reweights the t-terms, so use it for
     class posteriors, not for NLL. ``t_range=None`` is the middle band
-    (round(0.3 T), round(0.6 T)) — (300, 600) for T = 1000 — which was the measured best on digits
-    (0.85 with 1 draw, vs 0.64 over the full range; 0.92 with 64 full-range draws). A band can also
-    be chosen without labels: ``em.select_t_range`` (``loop.select_t_range`` in the training loop).
-    ``decoder`` and ``variance`` are ignored. The training defaults that work: eps_mse, num_t = 1 (HMDM) or 2 (mixture),
-    tempered posterior with temperature 0.1–0.2 (``scale`` = 5–10).
+    (round(0.3 T), round(0.6 T)) — (300, 600) for T = 1000 — the band chosen on digits (RESULTS.md):
+    at small t the network denoises without looking at the class, at large t one draw of ε swamps the
+    class signal. A band can also be chosen without labels: ``em.select_t_range``.
+    ``decoder`` and ``variance`` are ignored.
 
 Common random numbers: within one observation, the K classes are scored on the SAME draws of t, ε
 and ε* (so the K scores are comparable; their differences have far less variance than the scores);
@@ -83,9 +87,10 @@ tuple), or :func:`make_log_emission`, which closes over the configuration and re
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -97,13 +102,14 @@ from hmdm_jax.diffusion import Schedule
 Array = jax.Array
 EpsFn = Callable[..., Array]
 
-ESTIMATORS = ("random_t", "last_decoder", "multi_t", "elbo", "elbo_term", "eps_mse")
 DECODERS = ("gaussian", "discretized")
 EMISSION_STATIC_ARGNAMES = (
     "eps_fn", "num_classes", "estimator", "num_t", "t_range", "per_dim", "variance", "decoder", "chunk_size",
 )
-# The eps_mse default band, as fractions of T (measured best on digits; see module docstring).
+# The eps_mse default band, as fractions of T (see the module docstring).
 DEFAULT_EPS_MSE_BAND = (0.3, 0.6)
+FULL_BAND = (0.0, 1.0)  # every t, 1..T
+FIRST_STEP_BAND = (0.0, 0.0)  # t = 1 only
 
 
 class ElboTerms(NamedTuple):
@@ -122,22 +128,132 @@ class ElboTerms(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration helpers
+# Estimators as values
 # ----------------------------------------------------------------------------------------------
 
-def default_t_range(estimator: str, num_steps: int) -> Tuple[int, int]:
-    """The inclusive t-range an estimator draws from when ``t_range=None``.
+# scores(eps_fn, params, schedule, y [b, *event], keys [b], *, num_classes, num_t, t_min, t_max, variance,
+#        decoder) -> [b, K] float32: the unscaled scores of one chunk of b observations.
+ScoresFn = Callable[..., Array]
+
+
+def band_steps(band: Tuple[float, float], num_steps: int) -> Tuple[int, int]:
+    """A band given as fractions (lo, hi) of T, as inclusive integer steps (t_min, t_max) within 1..T.
+
+    t_min = round(lo · T) and t_max = round(hi · T), each clipped to 1..T, and t_max ≥ t_min, so that the
+    range is never empty: (0, 0) is t = 1 only, (0, 1) is 1..T, (0.3, 0.6) is (300, 600) for T = 1000.
+    """
+    lo = min(max(1, int(round(band[0] * num_steps))), num_steps)
+    hi = min(max(lo, int(round(band[1] * num_steps))), num_steps)
+    return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """One emission estimator: its scoring function and the facts its callers need about it.
+
+    Frozen and hashable, so a value is a static argument of jitted functions like its name.
+
+    Attributes:
+      name: its key in ``ESTIMATORS`` (and the ``estimator=`` string that selects it).
+      scores: ``scores(eps_fn, params, schedule, y, keys, *, num_classes, num_t, t_min, t_max, variance,
+        decoder) -> [b, K]`` float32, the unscaled scores of one chunk: ``y [b, *event]`` float32
+        observations, ``keys [b]`` one PRNG key per observation, ``num_t`` as given to
+        :func:`log_emission` (None or an int ≥ 1), ``(t_min, t_max)`` the resolved inclusive t-range
+        (the ``t_range`` argument, else :meth:`default_t_range`). It must draw from each observation's
+        key alone and score the K classes on the same draws (see "Common random numbers").
+      default_band: the t-range used when ``t_range=None``, as fractions (lo, hi) of T
+        (:func:`band_steps`): ``FULL_BAND`` is 1..T, ``FIRST_STEP_BAND`` is t = 1.
+      takes_band: whether a ``t_range`` may be given. False for an estimator whose t's are fixed (every t
+        or a deterministic grid; t = 1): then ``t_range`` must be None.
+      single_draw: ``num_t`` must be None or 1 (one t-draw per observation).
+      several_draws: for a single-draw estimator, the name of the estimator that averages ``num_t > 1`` of
+        its draws (same expectation); None: several draws reduce to one (:func:`resolve_num_draws`).
+      grid: ``num_t`` is the size of a deterministic grid of t's (:func:`elbo_grid`), not a number of
+        random t-draws (so "one t-draw per frame" keeps ``num_t``).
+      two_noises: it draws ε and ε* per t-draw (the paper's two-stage z_{t−1}, z_t) rather than one ε.
+      uses_decoder: the ``decoder`` argument changes its scores.
+      uses_variance: the ``variance`` argument changes its scores.
+    """
+
+    name: str
+    scores: ScoresFn = dataclasses.field(repr=False)
+    default_band: Tuple[float, float] = FULL_BAND
+    takes_band: bool = True
+    single_draw: bool = False
+    several_draws: Optional[str] = None
+    grid: bool = False
+    two_noises: bool = False
+    uses_decoder: bool = False
+    uses_variance: bool = False
+
+    def default_t_range(self, num_steps: int) -> Tuple[int, int]:
+        """The inclusive (t_min, t_max) it draws from when ``t_range=None``: ``default_band`` in steps."""
+        return band_steps(self.default_band, num_steps)
+
+
+class EstimatorRegistry(Mapping):
+    """A read-only, ordered Mapping name → :class:`Estimator`; ``str()`` is the tuple of names."""
+
+    def __init__(self, estimators: Sequence[Estimator]):
+        self._by_name = {e.name: e for e in estimators}
+        if len(self._by_name) != len(estimators):
+            raise ValueError("estimator names must be unique")
+
+    def __getitem__(self, name: str) -> Estimator:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __str__(self) -> str:
+        return str(tuple(self._by_name))
+
+    def __repr__(self) -> str:
+        return f"EstimatorRegistry({tuple(self._by_name)})"
+
+
+def get_estimator(estimator: Union[str, Estimator]) -> Estimator:
+    """The :class:`Estimator` named ``estimator`` in ``ESTIMATORS``; an Estimator value is returned as is.
+
+    Raises:
+      ValueError: an unknown name (the message lists the registry).
+    """
+    if isinstance(estimator, Estimator):
+        return estimator
+    if isinstance(estimator, str) and estimator in ESTIMATORS:
+        return ESTIMATORS[estimator]
+    raise ValueError(f"unknown estimator {estimator!r}; expected one of {tuple(ESTIMATORS)} or an emission.Estimator")
+
+
+def resolve_num_draws(estimator: Union[str, Estimator], num_t: Optional[int]) -> Tuple[Estimator, Optional[int]]:
+    """The estimator and number of t-draws that honour a request for ``num_t`` draws.
+
+    The single-draw rule, in one place: a single-draw estimator asked for ``num_t > 1`` draws becomes its
+    ``several_draws`` estimator with ``num_t`` draws (random_t → multi_t, the mean of num_t random_t
+    terms), or, without one, keeps its one draw (last_decoder: t = 1 is fixed); a single-draw estimator
+    asked for None or 1 draw gets 1. Any other estimator is returned with ``num_t`` unchanged.
+
+    Returns:
+      ``(estimator, num_t)``, valid arguments of :func:`log_emission`.
+    """
+    est = get_estimator(estimator)
+    if not est.single_draw:
+        return est, num_t
+    if num_t is not None and num_t > 1 and est.several_draws is not None:
+        return get_estimator(est.several_draws), num_t
+    return est, 1
+
+
+def default_t_range(estimator: Union[str, Estimator], num_steps: int) -> Tuple[int, int]:
+    """The inclusive t-range an estimator draws from when ``t_range=None`` (its ``default_band``).
 
     ``eps_mse``: (round(0.3 T), round(0.6 T)) clipped to 1..T; ``last_decoder``: (1, 1);
     the others: (1, T).
     """
-    if estimator == "eps_mse":
-        lo = min(max(1, round(DEFAULT_EPS_MSE_BAND[0] * num_steps)), num_steps)
-        hi = min(max(lo, round(DEFAULT_EPS_MSE_BAND[1] * num_steps)), num_steps)
-        return lo, hi
-    if estimator == "last_decoder":
-        return 1, 1
-    return 1, num_steps
+    return get_estimator(estimator).default_t_range(num_steps)
 
 
 def elbo_grid(num_steps: int, num_t: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -172,9 +288,8 @@ def elbo_grid(num_steps: int, num_t: Optional[int] = None) -> Tuple[np.ndarray, 
 
 
 def _check_inputs(schedule, y, num_classes, estimator, num_t, t_range, variance, decoder, chunk_size):
-    """Validates the arguments; returns the resolved (t_min, t_max)."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    """Validates the arguments; returns the :class:`Estimator` and the resolved (t_min, t_max)."""
+    est = get_estimator(estimator)
     if variance not in diffusion.VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; expected one of {diffusion.VARIANCES}")
     if decoder not in DECODERS:
@@ -190,12 +305,16 @@ def _check_inputs(schedule, y, num_classes, estimator, num_t, t_range, variance,
             f"y must have a batch axis: [B, D] vectors or [B, H, W, C] images, got shape {np.shape(y)}")
     if np.shape(y)[0] == 0:
         raise ValueError("y is an empty batch")
+    if est.single_draw and num_t not in (None, 1):
+        hint = (f"use {est.several_draws!r} for num_t={num_t}" if est.several_draws is not None
+                else "pass num_t=1 or None")
+        raise ValueError(f"estimator {est.name!r} uses one t-draw; {hint} (see emission.resolve_num_draws)")
     num_steps = schedule.num_steps
     if t_range is None:
-        return default_t_range(estimator, num_steps)
-    if estimator in ("elbo", "last_decoder"):
-        raise ValueError(f"t_range does not apply to estimator {estimator!r} (it uses "
-                         f"{'every t' if estimator == 'elbo' else 't = 1'}); pass t_range=None")
+        return (est, *est.default_t_range(num_steps))
+    if not est.takes_band:
+        raise ValueError(f"t_range does not apply to estimator {est.name!r}, whose t's are fixed "
+                         f"(default band {est.default_band} of T); pass t_range=None")
     try:
         t_min, t_max = (int(v) for v in t_range)
     except (TypeError, ValueError):
@@ -203,7 +322,7 @@ def _check_inputs(schedule, y, num_classes, estimator, num_t, t_range, variance,
     if not 1 <= t_min <= t_max <= num_steps:
         raise ValueError(f"t_range {t_range!r} must satisfy 1 <= t_min <= t_max <= T = {num_steps} "
                          "(inclusive, non-empty)")
-    return t_min, t_max
+    return est, t_min, t_max
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,46 +384,70 @@ def _eps_weight(schedule: Schedule, t, variance: str) -> Array:
         2.0 * diffusion.p_variance(schedule, t, variance) * schedule.alphas[t - 1] * diffusion.one_minus_alpha_bar(schedule, t))
 
 
-def _sampled_scores(eps_fn, params, schedule, y, keys, *, num_classes, estimator, num_draws, t_min, t_max,
-                    variance, decoder):
-    """[b, K] scores of the sampled estimators for one chunk (y [b, *event], keys [b])."""
+def _num_draws(num_t: Optional[int]) -> int:
+    """The number of t-draws of a sampled estimator: ``num_t``, 1 when None."""
+    return 1 if num_t is None else int(num_t)
+
+
+def _mean_over_draws(scores: Array, b: int, num_draws: int) -> Array:
+    """``[K, b·n]`` per-draw scores (observation-major) → ``[b, K]`` their mean over the n draws."""
+    num_classes = scores.shape[0]
+    return scores.reshape(num_classes, b, num_draws).mean(axis=-1).T
+
+
+def _density_scores(eps_fn, params, schedule, y, keys, *, num_classes, num_t, t_min, t_max, variance, decoder):
+    """random_t / multi_t / last_decoder on one chunk: ``y [b, *event]``, ``keys [b]`` → ``[b, K]``.
+
+    The mean over n = num_t draws of log N(z_{t−1}; μ_θ(z_t, t, k), σ_t² I) (t = 1: the decoder of y).
+    """
     b, event = y.shape[0], y.shape[1:]
-    two_stage = estimator in ("random_t", "multi_t", "last_decoder")
-    t, eps, eps_star = _draws(keys, event, num_draws, t_min, t_max, two_stage)
+    num_draws = _num_draws(num_t)
+    t, eps, eps_star = _draws(keys, event, num_draws, t_min, t_max, True)  # [b, n], [b, n, *event] twice
+    flat = lambda a: a.reshape((b * num_draws,) + a.shape[2:])
+    t, eps, eps_star = flat(t), flat(eps), flat(eps_star)  # [b·n], [b·n, *event]
+    y_rep = flat(jnp.broadcast_to(y[:, None], (b, num_draws) + event))  # [b·n, *event]
+    # The paper's two-stage draw: z_{t−1} ~ q(z_{t−1} | y), then z_t ~ q(z_t | z_{t−1}); z_0 = y.
+    z_prev = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y_rep, t - 1, eps)
+    z_t = _vmap_examples(diffusion.q_step, None, 0, 0, 0)(schedule, z_prev, t, eps_star)
+    eps_hat = _eps_all_classes(eps_fn, params, z_t, t, num_classes)  # [K, b·n, *event]
+
+    def score(z_prev_i, z_t_i, t_i, y_i, eps_hat_i):
+        dist = diffusion.p_reverse(schedule, z_t_i, t_i, eps_hat_i, variance)
+        gauss = diffusion.gaussian_log_prob(z_prev_i, dist)  # at t = 1, z_prev = y: the decoder
+        if decoder == "discretized":
+            return jnp.where(t_i == 1, diffusion.discretized_gaussian_log_prob(y_i, dist), gauss)
+        return gauss
+
+    per_example = jax.vmap(score, in_axes=(0, 0, 0, 0, 0))
+    scores = jax.vmap(per_example, in_axes=(None, None, None, None, 0))(z_prev, z_t, t, y_rep, eps_hat)  # [K, b·n]
+    return _mean_over_draws(scores, b, num_draws)
+
+
+def _eps_errors(eps_fn, params, schedule, y, keys, num_classes, num_draws, t_min, t_max):
+    """The one-noise draws of elbo_term / eps_mse: t ``[b·n]`` int32 and ‖ε − ε_θ(z_t, t, k)‖² ``[K, b·n]``."""
+    b, event = y.shape[0], y.shape[1:]
+    t, eps, _ = _draws(keys, event, num_draws, t_min, t_max, False)  # [b, n], [b, n, *event]
     flat = lambda a: a.reshape((b * num_draws,) + a.shape[2:])
     t, eps = flat(t), flat(eps)
     y_rep = flat(jnp.broadcast_to(y[:, None], (b, num_draws) + event))
-
-    if two_stage:
-        eps_star = flat(eps_star)
-        # The paper's two-stage draw: z_{t−1} ~ q(z_{t−1} | y), then z_t ~ q(z_t | z_{t−1}); z_0 = y.
-        z_prev = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y_rep, t - 1, eps)
-        z_t = _vmap_examples(diffusion.q_step, None, 0, 0, 0)(schedule, z_prev, t, eps_star)
-    else:
-        z_prev = None
-        z_t = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y_rep, t, eps)
-
+    z_t = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y_rep, t, eps)
     eps_hat = _eps_all_classes(eps_fn, params, z_t, t, num_classes)  # [K, b·n, *event]
+    return t, jnp.sum(jnp.square(eps[None] - eps_hat).reshape(num_classes, b * num_draws, -1), axis=-1)
 
-    if two_stage:
-        def score(z_prev_i, z_t_i, t_i, y_i, eps_hat_i):
-            dist = diffusion.p_reverse(schedule, z_t_i, t_i, eps_hat_i, variance)
-            gauss = diffusion.gaussian_log_prob(z_prev_i, dist)  # at t = 1, z_prev = y: the decoder
-            if decoder == "discretized":
-                return jnp.where(t_i == 1, diffusion.discretized_gaussian_log_prob(y_i, dist), gauss)
-            return gauss
 
-        per_example = jax.vmap(score, in_axes=(0, 0, 0, 0, 0))
-        scores = jax.vmap(per_example, in_axes=(None, None, None, None, 0))(z_prev, z_t, t, y_rep, eps_hat)
-    else:
-        sq = jnp.sum(jnp.square(eps[None] - eps_hat).reshape(num_classes, b * num_draws, -1), axis=-1)
-        if estimator == "elbo_term":
-            weight = (t_max - t_min + 1) * _eps_weight(schedule, t, variance)  # [b·n]
-            scores = -weight[None] * sq
-        else:  # eps_mse
-            scores = -sq
-    scores = scores.reshape(num_classes, b, num_draws).mean(axis=-1)  # [K, b]
-    return scores.T
+def _elbo_term_scores(eps_fn, params, schedule, y, keys, *, num_classes, num_t, t_min, t_max, variance, decoder):
+    """elbo_term on one chunk: the mean over draws of −n_t w_t ‖ε − ε_θ‖², ``[b, K]`` (decoder unused)."""
+    num_draws = _num_draws(num_t)
+    t, sq = _eps_errors(eps_fn, params, schedule, y, keys, num_classes, num_draws, t_min, t_max)
+    weight = (t_max - t_min + 1) * _eps_weight(schedule, t, variance)  # [b·n]
+    return _mean_over_draws(-weight[None] * sq, y.shape[0], num_draws)
+
+
+def _eps_mse_scores(eps_fn, params, schedule, y, keys, *, num_classes, num_t, t_min, t_max, variance, decoder):
+    """eps_mse on one chunk: the mean over draws of −‖ε − ε_θ‖², ``[b, K]`` (decoder, variance unused)."""
+    num_draws = _num_draws(num_t)
+    _, sq = _eps_errors(eps_fn, params, schedule, y, keys, num_classes, num_draws, t_min, t_max)
+    return _mean_over_draws(-sq, y.shape[0], num_draws)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,6 +485,31 @@ def _elbo_chunk(eps_fn, params, schedule, y, keys, t_values, *, num_classes, var
     return terms, prior
 
 
+def _elbo_scores(eps_fn, params, schedule, y, keys, *, num_classes, num_t, t_min, t_max, variance, decoder):
+    """elbo on one chunk: the (grid) bound Σ_j weights[j] term(t_j) + prior, ``[b, K]`` (t-range unused)."""
+    t_values, weights = elbo_grid(schedule.num_steps, num_t)
+    terms, prior = _elbo_chunk(eps_fn, params, schedule, y, keys, jnp.asarray(t_values),
+                               num_classes=num_classes, variance=variance, decoder=decoder)
+    return jnp.tensordot(jnp.asarray(weights), terms, axes=1) + prior[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------
+
+ESTIMATORS: Mapping[str, Estimator] = EstimatorRegistry((
+    Estimator("random_t", _density_scores, single_draw=True, several_draws="multi_t", two_noises=True,
+              uses_decoder=True, uses_variance=True),
+    # uses_variance=False: at t = 1 both variances are β_1
+    Estimator("last_decoder", _density_scores, default_band=FIRST_STEP_BAND, takes_band=False, single_draw=True,
+              two_noises=True, uses_decoder=True),
+    Estimator("multi_t", _density_scores, two_noises=True, uses_decoder=True, uses_variance=True),
+    Estimator("elbo", _elbo_scores, takes_band=False, grid=True, uses_decoder=True, uses_variance=True),
+    Estimator("elbo_term", _elbo_term_scores, uses_variance=True),
+    Estimator("eps_mse", _eps_mse_scores, default_band=DEFAULT_EPS_MSE_BAND),
+))
+
+
 def _over_chunks(fn, y, keys, chunk_size):
     """fn(y_chunk, keys_chunk) over chunks of ``chunk_size`` observations with lax.map.
 
@@ -371,7 +539,7 @@ def log_emission(
     key: Array,
     num_classes: int,
     *,
-    estimator: str = "eps_mse",
+    estimator: Union[str, Estimator] = "eps_mse",
     num_t: Optional[int] = None,
     t_range: Optional[Tuple[int, int]] = None,
     scale=1.0,
@@ -392,12 +560,13 @@ def log_emission(
         one per observation (so that a frame's draws do not depend on how the batch is split over
         devices).
       num_classes: K (classes 0..K−1 are scored; the null class K is not). Static.
-      estimator: one of ``ESTIMATORS`` (default ``"eps_mse"``). Static.
-      num_t: number of t-draws averaged (random_t/last_decoder: must be 1 or None; multi_t,
-        elbo_term, eps_mse: default 1), or for ``"elbo"`` the grid size (None = full bound, see
-        :func:`elbo_grid`). Static.
-      t_range: inclusive ``(t_min, t_max)`` for random_t, multi_t, elbo_term, eps_mse
-        (None = :func:`default_t_range`); must be None for elbo and last_decoder. Static.
+      estimator: a name in ``ESTIMATORS`` (default ``"eps_mse"``) or an :class:`Estimator`. Static.
+      num_t: number of t-draws averaged (single-draw estimators, random_t/last_decoder: must be 1 or
+        None, see :func:`resolve_num_draws`; multi_t, elbo_term, eps_mse: default 1), or for a grid
+        estimator (``"elbo"``) the grid size (None = full bound, see :func:`elbo_grid`). Static.
+      t_range: inclusive ``(t_min, t_max)``, 1 ≤ t_min ≤ t_max ≤ T, for the estimators that take a band
+        (random_t, multi_t, elbo_term, eps_mse; None = the estimator's :func:`default_t_range`); must be
+        None for the others (elbo, last_decoder). Static.
       scale: multiplies the result (may be traced).
       per_dim: divide the result by D = prod(event shape). Static.
       variance: σ_t² of the reverse steps, ``"beta"`` or ``"beta_tilde"``. Static.
@@ -408,25 +577,12 @@ def log_emission(
     Returns:
       ``[B, K]`` float32 log b̃_k(y_i) (nats, times ``scale``, divided by D if ``per_dim``).
     """
-    t_min, t_max = _check_inputs(schedule, y, num_classes, estimator, num_t, t_range, variance, decoder,
-                                 chunk_size)
+    est, t_min, t_max = _check_inputs(schedule, y, num_classes, estimator, num_t, t_range, variance, decoder,
+                                      chunk_size)
     y = jnp.asarray(y, jnp.float32)
     keys = observation_keys(key, y.shape[0])
-    if estimator == "elbo":
-        t_values, weights = elbo_grid(schedule.num_steps, num_t)
-        t_values, weights = jnp.asarray(t_values), jnp.asarray(weights)
-
-        def chunk_fn(y_c, keys_c):
-            terms, prior = _elbo_chunk(eps_fn, params, schedule, y_c, keys_c, t_values,
-                                       num_classes=num_classes, variance=variance, decoder=decoder)
-            return jnp.tensordot(weights, terms, axes=1) + prior[:, None]
-    else:
-        if estimator in ("random_t", "last_decoder") and num_t not in (None, 1):
-            raise ValueError(f"estimator {estimator!r} uses one t-draw; use 'multi_t' for num_t={num_t}")
-        chunk_fn = functools.partial(
-            _sampled_scores, eps_fn, params, schedule, num_classes=num_classes, estimator=estimator,
-            num_draws=1 if num_t is None else int(num_t), t_min=t_min, t_max=t_max, variance=variance,
-            decoder=decoder)
+    chunk_fn = functools.partial(est.scores, eps_fn, params, schedule, num_classes=num_classes, num_t=num_t,
+                                 t_min=t_min, t_max=t_max, variance=variance, decoder=decoder)
     log_b = _over_chunks(chunk_fn, y, keys, chunk_size) * scale
     if per_dim:
         log_b = log_b / math.prod(y.shape[1:])

@@ -26,18 +26,14 @@ from hmdm_jax.em import (
     FINAL_STEP,
     EMConfig,
     EpsFn,
-    accumulate_counts,
-    denoising_step,
     evaluation_config,
     frame_keys,
-    observed_label_loss,
     pmean_if,
     psum_if,
     score_classes,
-    step_keys,
-    temperature_at,
 )
 from hmdm_jax.state import TrainState
+from hmdm_jax.steps import EStepResult, make_em_step
 
 Array = jax.Array
 Batch = dict  # {"images": [B, n, *event], "mask": [B, n] bool, "labels": [B, n] int32 (−1 = unknown)}
@@ -71,6 +67,36 @@ def _batch_fields(batch: Batch) -> tuple[Array, Array, Array]:
     return images, mask, labels
 
 
+def sample_paths(config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, state: TrainState,
+                 batch: Batch, keys: tuple[Array, Array], axis_name: str | None = None) -> EStepResult:
+    """HMDM's E-step: emissions of every frame and class (observed labels clamped), then a state path per
+    sequence by forward filtering backward sampling; initial and transition counts from the sampled paths
+    (``counts_from="sampled"``) or the smoothed expected counts (``"smoothed"``)."""
+    images, mask, labels = _batch_fields(batch)
+    batch_size, length = images.shape[:2]
+    key_score, key_sample = keys
+    k = config.num_classes
+    log_b = sequence_log_emissions(config, eps_fn, params, schedule, images, key_score, state.step, labels, axis_name)
+    states, log_marginal = jax.vmap(hmm.ffbs, (0, None, None, 0, 0))(
+        frame_keys(key_sample, batch_size, axis_name), state.log_pi, state.log_A, log_b, mask
+    )
+    if config.counts_from == "sampled":
+        counts = jax.vmap(hmm.path_counts, (0, None, 0))(states, k, mask)
+    else:
+        counts = jax.vmap(hmm.expected_counts, (None, None, 0, 0))(state.log_pi, state.log_A, log_b, mask)
+    initial, transitions = psum_if((jnp.sum(counts.initial, 0), jnp.sum(counts.transitions, 0)), axis_name)
+    usage = psum_if(jnp.sum(jax.nn.one_hot(states, k) * mask[..., None], axis=(0, 1)), axis_name)
+    metrics = {"log_marginal": pmean_if(jnp.mean(log_marginal), axis_name),
+               "class_usage": usage / jnp.maximum(jnp.sum(usage), 1.0)}
+    frames = images.reshape((batch_size * length,) + images.shape[2:])
+    return EStepResult(
+        frames, jnp.maximum(states.reshape(-1), 0),  # padded frames (−1) have weight 0
+        mask.reshape(-1).astype(jnp.float32), jnp.where(mask, labels, -1).reshape(-1),
+        jnp.zeros(k),  # the label loss is frame-wise, with a uniform prior
+        initial, transitions, metrics,
+    )
+
+
 def make_train_step(
     config: EMConfig,
     eps_fn: EpsFn,
@@ -80,64 +106,19 @@ def make_train_step(
     ema_decay: float = 0.999,
     axis_name: str | None = None,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
-    """Builds ``train_step(state, batch, key) -> (state, metrics)`` for HMDM (jit it, or map it over
-    devices with ``hmdm_jax.parallel``).
+    """``train_step(state, batch, key) -> (state, metrics)`` for HMDM: :func:`steps.make_em_step` with
+    :func:`sample_paths` (jit it, or map it over devices with ``hmdm_jax.parallel``).
 
     ``batch``: ``images [B, n, *event]``, ``mask [B, n]`` bool (optional), ``labels [B, n]`` int32 with −1
     for unknown (optional). Metrics: ``loss``, ``log_marginal`` (mean tempered log p(Y) per sequence),
     ``class_usage [K]`` over valid frames, ``temperature``, and ``label_loss`` when
-    ``config.label_loss_weight > 0`` (frame-wise, uniform prior: see ``em.label_loss``).
+    ``config.label_loss_weight > 0``.
     """
-    k = config.num_classes
     if config.balance_classes:
         # the states of a sequence are sampled jointly (FFBS); a per-frame rescaling would break the chain
         raise ValueError("EMConfig.balance_classes is for the mixture; HMDM samples its states with FFBS "
-                         "and keeps them alive by re-seeding dead states (LoopConfig.reseed_every)")
-
-    def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
-        images, mask, labels = _batch_fields(batch)
-        batch_size, length = images.shape[:2]
-        key_score, key_sample, key_loss, key_label = step_keys(config, key)
-
-        score_params = state.ema_params if config.score_with_ema else state.params
-        log_b = sequence_log_emissions(
-            config, eps_fn, score_params, schedule, images, key_score, state.step, labels, axis_name
-        )
-        seq_keys = frame_keys(key_sample, batch_size, axis_name)
-        states, log_marginal = jax.vmap(hmm.ffbs, (0, None, None, 0, 0))(
-            seq_keys, state.log_pi, state.log_A, log_b, mask
-        )
-
-        frames = images.reshape((batch_size * length,) + images.shape[2:])
-        classes = jnp.maximum(states.reshape(-1), 0)  # padded frames (−1) have weight 0
-        step_before_update = state.step
-        frame_labels = jnp.where(mask, labels, -1).reshape(-1)
-        state, loss, supervised = denoising_step(
-            state, eps_fn, schedule, optimizer, frames, classes, mask.reshape(-1).astype(jnp.float32), key_loss,
-            ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=k, axis_name=axis_name,
-            extra_loss=observed_label_loss(config, eps_fn, schedule, frames, frame_labels, jnp.zeros(k),
-                                           step_before_update, key_label, axis_name),
-        )
-
-        if config.counts_from == "sampled":
-            counts = jax.vmap(hmm.path_counts, (0, None, 0))(states, k, mask)
-        else:
-            counts = jax.vmap(hmm.expected_counts, (None, None, 0, 0))(state.log_pi, state.log_A, log_b, mask)
-        initial, transitions = psum_if((jnp.sum(counts.initial, 0), jnp.sum(counts.transitions, 0)), axis_name)
-        state = accumulate_counts(config, state, initial, transitions)
-
-        usage = psum_if(jnp.sum(jax.nn.one_hot(states, k) * mask[..., None], axis=(0, 1)), axis_name)
-        metrics = {
-            "loss": loss,
-            "log_marginal": pmean_if(jnp.mean(log_marginal), axis_name),
-            "class_usage": usage / jnp.maximum(jnp.sum(usage), 1.0),
-            "temperature": temperature_at(config, step_before_update),
-        }
-        if config.label_loss_weight > 0:
-            metrics["label_loss"] = supervised
-        return state, metrics
-
-    return train_step
+                         "and keeps them alive by re-seeding dead states (reseed.every)")
+    return make_em_step(config, eps_fn, schedule, optimizer, sample_paths, ema_decay=ema_decay, axis_name=axis_name)
 
 
 class DecodeResult(NamedTuple):

@@ -24,20 +24,17 @@ from hmdm_jax.em import (
     FINAL_STEP,
     EMConfig,
     EpsFn,
-    accumulate_counts,
     balanced_class_posterior,
     denoising_step,
     evaluation_config,
     frame_keys,
-    observed_label_loss,
     posterior_entropy,
     pmean_if,
     psum_if,
     score_classes,
-    step_keys,
-    temperature_at,
 )
 from hmdm_jax.state import TrainState
+from hmdm_jax.steps import EStepResult, make_em_step
 
 Array = jax.Array
 Batch = dict  # {"images": [B, *event] float32, "labels": [B] int32 (−1 = unknown)}
@@ -59,6 +56,27 @@ def class_posterior(log_b: Array, log_pi: Array, labels: Array | None = None) ->
     return emission.class_log_posterior(log_b, log_pi)
 
 
+def sample_classes(config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, state: TrainState,
+                   batch: Batch, keys: tuple[Array, Array], axis_name: str | None = None) -> EStepResult:
+    """The mixture's E-step: score every class of every frame, clamp observed labels, sample each frame's
+    class from its posterior (balanced over the batch with ``config.balance_classes``); class counts."""
+    y = batch["images"]
+    batch_size = y.shape[0]
+    labels = batch.get("labels", jnp.full((batch_size,), -1, jnp.int32))
+    key_score, key_sample = keys
+    log_b = score_classes(config, eps_fn, params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
+    log_post = class_posterior(log_b, state.log_pi, labels)
+    if config.balance_classes:
+        log_post = balanced_class_posterior(log_post, state.log_pi, axis_name)
+    classes = jax.vmap(jax.random.categorical)(frame_keys(key_sample, batch_size, axis_name), log_post)
+    k = config.num_classes
+    counts = psum_if(jnp.sum(jax.nn.one_hot(classes, k), axis=0), axis_name)
+    metrics = {"posterior_entropy": pmean_if(posterior_entropy(log_post), axis_name),
+               "class_usage": counts / jnp.sum(counts)}
+    return EStepResult(y, classes, jnp.ones((batch_size,), jnp.float32), labels, state.log_pi, counts,
+                       jnp.zeros((k, k), jnp.float32), metrics)
+
+
 def make_train_step(
     config: EMConfig,
     eps_fn: EpsFn,
@@ -68,50 +86,14 @@ def make_train_step(
     ema_decay: float = 0.999,
     axis_name: str | None = None,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
-    """Builds ``train_step(state, batch, key) -> (state, metrics)`` for the mixture (jit it, or let
-    ``hmdm_jax.parallel`` map it over devices with ``axis_name``).
+    """``train_step(state, batch, key) -> (state, metrics)`` for the mixture: :func:`steps.make_em_step`
+    with :func:`sample_classes` (jit it, or let ``hmdm_jax.parallel`` map it over devices).
 
     ``batch["images"]``: ``[B, *event]``; ``batch["labels"]``: ``[B]`` int32 with −1 for unknown (optional).
     Metrics: ``loss``, ``posterior_entropy`` (nats), ``class_usage [K]`` (fractions of sampled classes),
-    ``temperature``, and ``label_loss`` (the weighted cross-entropy on observed labels) when
-    ``config.label_loss_weight > 0``.
+    ``temperature``, and ``label_loss`` when ``config.label_loss_weight > 0``.
     """
-    k = config.num_classes
-
-    def train_step(state: TrainState, batch: Batch, key: Array) -> tuple[TrainState, dict]:
-        y = batch["images"]
-        batch_size = y.shape[0]
-        labels = batch.get("labels", jnp.full((batch_size,), -1, jnp.int32))
-        key_score, key_sample, key_loss, key_label = step_keys(config, key)
-
-        score_params = state.ema_params if config.score_with_ema else state.params
-        log_b = score_classes(config, eps_fn, score_params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
-        log_post = class_posterior(log_b, state.log_pi, labels)
-        if config.balance_classes:
-            log_post = balanced_class_posterior(log_post, state.log_pi, axis_name)
-        classes = jax.vmap(jax.random.categorical)(frame_keys(key_sample, batch_size, axis_name), log_post)
-
-        step_before_update = state.step
-        state, loss, supervised = denoising_step(
-            state, eps_fn, schedule, optimizer, y, classes, jnp.ones((batch_size,), jnp.float32), key_loss,
-            ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=k, axis_name=axis_name,
-            extra_loss=observed_label_loss(config, eps_fn, schedule, y, labels, state.log_pi, step_before_update,
-                                           key_label, axis_name),
-        )
-
-        counts = psum_if(jnp.sum(jax.nn.one_hot(classes, k), axis=0), axis_name)
-        state = accumulate_counts(config, state, counts, jnp.zeros((k, k), jnp.float32))
-        metrics = {
-            "loss": loss,
-            "posterior_entropy": pmean_if(posterior_entropy(log_post), axis_name),
-            "class_usage": counts / jnp.sum(counts),
-            "temperature": temperature_at(config, step_before_update),
-        }
-        if config.label_loss_weight > 0:
-            metrics["label_loss"] = supervised
-        return state, metrics
-
-    return train_step
+    return make_em_step(config, eps_fn, schedule, optimizer, sample_classes, ema_decay=ema_decay, axis_name=axis_name)
 
 
 def make_supervised_step(

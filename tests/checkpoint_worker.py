@@ -90,24 +90,24 @@ def train(directory: str, num_steps: int, save_every: int, sleep_s: float) -> No
         print("START", int(state.step), flush=True)
         while int(state.step) < num_steps:
             state = toy_train_step(state)
-            ckpt.save(state, metadata={"state_to_label": MATCHING})
+            ckpt.save(state, step=int(state.step), metadata={"state_to_label": MATCHING})
             print("STEP", int(state.step), flush=True)
             if guard.should_stop:
-                ckpt.save(state, metadata={"state_to_label": MATCHING}, force=True)
+                ckpt.save(state, step=int(state.step), metadata={"state_to_label": MATCHING}, force=True)
                 ckpt.wait()
                 print("STOPPED", int(state.step), guard.signal_name, flush=True)
                 return
             time.sleep(sleep_s)
-        ckpt.save(state, metadata={"state_to_label": MATCHING}, force=True)
+        ckpt.save(state, step=int(state.step), metadata={"state_to_label": MATCHING}, force=True)
     print("DONE", int(state.step), flush=True)
 
 
 def crash(directory: str, size: int) -> None:
     state = toy_state(big=size)
     ckpt = Checkpointer.open(directory, save_every=1)
-    ckpt.save(state.replace(step=jnp.ones((), jnp.int32)))
+    ckpt.save(state.replace(step=jnp.ones((), jnp.int32)), step=1)
     ckpt.wait()
-    ckpt.save(state.replace(step=jnp.full((), 2, jnp.int32)))
+    ckpt.save(state.replace(step=jnp.full((), 2, jnp.int32)), step=2)
     print("IN_FLIGHT", flush=True)
     time.sleep(60)
 

@@ -66,7 +66,7 @@ def saved_run(tmp_path_factory):
     with Checkpointer.open(directory, save_every=2) as ckpt:
         for _ in range(4):
             state = toy_train_step(state)
-            ckpt.save(state, metadata={"state_to_label": MATCHING})
+            ckpt.save(state, step=int(state.step), metadata={"state_to_label": MATCHING})
     return directory, state
 
 
@@ -86,13 +86,13 @@ def test_round_trip_save_every_and_metadata(tmp_path):
         assert ckpt.latest_step() is None and ckpt.all_steps() == []
         for _ in range(7):
             state = toy_train_step(state)
-            did = ckpt.save(state, metadata={"state_to_label": MATCHING, "note": "x"})
+            did = ckpt.save(state, step=int(state.step), metadata={"state_to_label": MATCHING, "note": "x"})
             saved[int(state.step)] = did
             if did:
                 ckpt.wait()
         assert [s for s, did in saved.items() if did] == [3, 6]
-        assert ckpt.save(state, force=True)               # step 7, not a multiple of 3
-        assert not ckpt.save(state, force=True)           # already saved: never rewritten
+        assert ckpt.save(state, step=int(state.step), force=True)               # step 7, not a multiple of 3
+        assert not ckpt.save(state, step=int(state.step), force=True)           # already saved: never rewritten
         ckpt.wait()
         assert ckpt.all_steps() == [6, 7]                 # max_to_keep=2 dropped step 3
         assert ckpt.latest_step() == 7
@@ -118,7 +118,7 @@ def test_exact_resume_in_process(tmp_path):
     straight = run_steps(toy_state(), 10)
     with Checkpointer.open(tmp_path / "run", save_every=1000) as ckpt:
         first = run_steps(toy_state(), 6)
-        assert ckpt.save(first, force=True)
+        assert ckpt.save(first, step=int(first.step), force=True)
     with Checkpointer.open(tmp_path / "run") as ckpt:
         resumed, _ = ckpt.restore(toy_state(seed=123))  # template values must not matter
     assert int(resumed.step) == 6
@@ -168,7 +168,7 @@ def test_empty_directory_and_unknown_step(tmp_path, saved_run):
         with pytest.raises(CheckpointNotFoundError, match=r"step 3 .*saved steps: \[2, 4\]"):
             ckpt.restore(toy_state(), step=3)
         with pytest.raises(CheckpointError, match="read_only"):
-            ckpt.save(saved_run[1], force=True)
+            ckpt.save(saved_run[1], step=int(saved_run[1].step), force=True)
 
 
 def _garbage(path):
@@ -375,7 +375,7 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path):
     # A new writer removes the partial directory (in the background, before its first save) and
     # can save step 2 again.
     with Checkpointer.open(directory) as ckpt:
-        assert ckpt.save(template.replace(step=jnp.full((), 2, jnp.int32)))
+        assert ckpt.save(template.replace(step=jnp.full((), 2, jnp.int32)), step=2)
     assert sorted(os.listdir(directory)) == ["1", "2"]
 
 

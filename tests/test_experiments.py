@@ -32,12 +32,12 @@ import mixture as mixture_experiment  # noqa: E402
 from hmdm_jax import checkpoint  # noqa: E402
 from hmdm_jax import data as hdata  # noqa: E402
 from hmdm_jax import em  # noqa: E402
-from hmdm_jax import train as htrain  # noqa: E402
+from hmdm_jax import run as htrain  # noqa: E402
 
 # As many training as held-out sequences, one batch of them: every decode has the same shape (one compile).
 SEQUENCES = ["--num-sequences", "4", "--heldout-sequences", "4", "--length", "6"]
-SETS = ["loop.batch_size=4", "loop.eval_every=0", "loop.final_num_t=2", "network.mlp_width=32", "network.mlp_depth=1",
-        "diffusion.num_steps=100", "loop.warm_start_steps=2", "loop.log_every=2"]
+SETS = ["loop.batch_size=4", "evaluation.every=0", "evaluation.final_num_t=2", "network.mlp_width=32",
+        "network.mlp_depth=1", "diffusion.timesteps=100", "warm_start.steps=2", "loop.log_every=2"]
 EVAL = ["--nll-max-items", "2", "--num-samples", "24", "--sample-batch", "24", "--classifier-steps", "5",
         "--no-progress"]
 K = 10
@@ -220,7 +220,7 @@ def test_ablation_rows_are_the_documented_configs():
     data = ablations.Data(None, None, None, K, (8, 8, 1), {"source": "digits"})
     notes = []
     base = ablations.base_config(args, data, notes)
-    assert base.loop.warm_start_steps == 10 and notes  # shortened: 500 >= 30 steps
+    assert base.warm_start.steps == 10 and notes  # shortened: 500 >= 30 steps
     rows = {r.name: ablations.row_config(base, r) for r in ablations.ROWS}
     assert rows["paper"].em == em.EMConfig.paper(K)
     assert rows["paper_last_decoder"].em == em.EMConfig.paper(K, estimator="last_decoder")
@@ -229,9 +229,9 @@ def test_ablation_rows_are_the_documented_configs():
     preset_em = em.EMConfig(K, num_t=1)  # the HMDM preset's E-step
     assert base.em == preset_em
     assert rows["untempered"].em == dataclasses.replace(preset_em, temperature=1.0)
-    assert rows["default"].em == preset_em and rows["default"].loop.warm_start == "kmeans"
-    assert rows["default_no_warm_start"].loop.warm_start == "none"
-    assert rows["finetune"].loop.warm_start == "none" and rows["finetune"].em == preset_em
+    assert rows["default"].em == preset_em and rows["default"].warm_start.method == "kmeans"
+    assert rows["default_no_warm_start"].warm_start.method == "none"
+    assert rows["finetune"].warm_start.method == "none" and rows["finetune"].em == preset_em
 
 
 def test_ablation_rows_saved_before_a_config_field_existed_are_reused():
@@ -242,7 +242,7 @@ def test_ablation_rows_saved_before_a_config_field_existed_are_reused():
     saved = json.loads(json.dumps(current))
     del saved["loop"]["observed_batch_fraction"]
     assert ablations._same_config(saved, current)
-    saved["loop"]["num_steps"] += 1
+    saved["loop"]["train_steps"] += 1
     assert not ablations._same_config(saved, current)
     assert not ablations._same_config(None, current)
 
@@ -269,7 +269,7 @@ def test_ablations_end_to_end(tmp_path, hmdm_run):
 
 
 def test_fid_of_colour_data_without_inception_weights_is_skipped_with_a_message(capsys):
-    from hmdm_jax import train as htrain
+    from hmdm_jax import run as htrain
 
     args = evaluate.parse_args(["--workdir", "unused"])
     config = htrain.preset("cpu-small", "mixture", 2, (8, 8, 3), source="npz:colour.npz")

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 from scipy.special import logsumexp
 
-from hmdm_jax.metrics import accuracy as acc
+from hmdm_jax import matching as acc
 from hmdm_jax.metrics import baselines, fid, figures, inception, nll
 from hmdm_jax.metrics import digit_classifier as dc
 

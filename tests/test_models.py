@@ -476,7 +476,7 @@ def test_input_skip_lets_a_narrow_mlp_pass_the_noise_through():
     """With mlp_input_skip the output is Dense(h) + W z: with the rest zero and W = I the network is the
     identity, which a width-8 hidden layer alone could not be on 32 values. The cpu-small preset turns
     the skip on, and scales the temperature with D, only for frames larger than 8×8."""
-    from hmdm_jax import train
+    from hmdm_jax import run
 
     config = dataclasses.replace(get_model_config("mlp-small"), mlp_width=8, mlp_depth=1, mlp_input_skip=True)
     model = build_model(config, num_classes=3)
@@ -488,7 +488,7 @@ def test_input_skip_lets_a_narrow_mlp_pass_the_noise_through():
     out = make_eps_fn(model)(params, z, jnp.full((5,), 7), jnp.arange(5) % 3)
     np.testing.assert_allclose(out, z, atol=1e-6)
 
-    digits = train.preset("cpu-small", "hmdm", 10, (8, 8, 1))
-    mnist = train.preset("cpu-small", "hmdm", 10, (28, 28, 1))
+    digits = run.preset("cpu-small", "hmdm", 10, (8, 8, 1))
+    mnist = run.preset("cpu-small", "hmdm", 10, (28, 28, 1))
     assert not digits.network.mlp_input_skip and digits.em.temperature == pytest.approx(0.15)
     assert mnist.network.mlp_input_skip and mnist.em.temperature == pytest.approx(0.15 * 784 / 64)

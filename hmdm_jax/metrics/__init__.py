@@ -1,8 +1,7 @@
-"""Evaluation for hmdm_jax: matched accuracy and clustering scores, NLL in bits/dim, FID, figures and
+"""Evaluation for hmdm_jax beyond label accuracy (``hmdm_jax.matching``): NLL in bits/dim, FID, figures and
 classical baselines. Used by experiments; never imported by the core modules.
 
 Submodules:
-  accuracy          Hungarian matching, accuracy (with a reusable matching), ARI/NMI, class usage.
   nll               mixture / HMDM negative log-likelihood bounds in bits per dimension.
   fid               Fréchet distance, feature statistics, the FeatureExtractor interface, fid_record.
   digit_classifier  small CNN for the digits' "domain FID" (not comparable with Inception FID).
@@ -10,8 +9,6 @@ Submodules:
   figures           PNG figures (samples, reconstructions, transition matrices, confusion, curves).
   baselines         k-means, Gaussian mixture and Gaussian HMM baselines on PCA-reduced frames.
 """
-from hmdm_jax.metrics.accuracy import (accuracy_with_mapping, best_matching, class_usage, clustering_scores,
-                                       confusion_matrix, masked_label_accuracy, matched_accuracy)
 from hmdm_jax.metrics.baselines import (gaussian_hmm_baseline, gmm_baseline, kmeans_baseline,
                                         matched_transition_matrix)
 from hmdm_jax.metrics.digit_classifier import (TrainedClassifier, classifier_feature_extractor,
@@ -25,8 +22,6 @@ from hmdm_jax.metrics.inception import (FIDInceptionV3, inception_feature_extrac
 from hmdm_jax.metrics.nll import dataset_bits_per_dim, hmdm_nll_bits_per_dim, mixture_nll_bits_per_dim
 
 __all__ = [
-    "accuracy_with_mapping", "best_matching", "class_usage", "clustering_scores", "confusion_matrix",
-    "masked_label_accuracy", "matched_accuracy",
     "gaussian_hmm_baseline", "gmm_baseline", "kmeans_baseline", "matched_transition_matrix",
     "TrainedClassifier", "classifier_feature_extractor", "classifier_features", "classifier_logits",
     "train_digit_classifier",

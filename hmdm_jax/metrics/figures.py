@@ -181,7 +181,7 @@ def plot_transition_matrices(A_learned, A_true, path, mapping=None, title: str |
       A_learned: ``[K, K]`` probabilities, ``A[i, j] = p(x_{l+1} = j | x_l = i)`` over learned states.
       A_true: ``[K', K']`` probabilities over classes, or None to plot the learned matrix alone.
       path: output PNG path.
-      mapping: optional ``[K]`` state → class matching (:func:`hmdm_jax.metrics.best_matching`). States
+      mapping: optional ``[K]`` state → class matching (:func:`hmdm_jax.matching.best_matching`). States
         are then reordered so that the state matched to class c sits at position c (unmatched states
         last) and axes are labelled "state→class", making the two panels directly comparable.
     """
@@ -214,7 +214,7 @@ def plot_confusion(conf, path, normalize: bool = True, title: str | None = None)
     """Confusion matrix heatmap.
 
     Args:
-      conf: ``[K_true, K_pred]`` counts (:func:`hmdm_jax.metrics.confusion_matrix`), rows = true class.
+      conf: ``[K_true, K_pred]`` counts (:func:`hmdm_jax.matching.confusion_matrix`), rows = true class.
       path: output PNG path.
       normalize: show row-normalised fractions (each true class sums to 1) instead of counts.
     """

@@ -29,6 +29,7 @@ __all__ = [
     "masked_label_accuracy",
     "class_usage",
     "confusion_matrix",
+    "transition_error",
 ]
 
 
@@ -203,3 +204,13 @@ def class_usage(states, num_states: int) -> np.ndarray:
     counts = np.bincount(s, minlength=num_states).astype(np.float64)
     total = counts.sum()
     return counts / total if total > 0 else counts
+
+
+def transition_error(learned_A, true_A, mapping) -> float:
+    """Mean absolute error between the learned ``A [K, K]``, relabelled by ``mapping`` (state → label),
+    and the true ``A``. States that map to no label (−1) are ignored; with a permutation all K² entries count."""
+    mapping = np.asarray(mapping)
+    rows = np.flatnonzero(mapping >= 0)
+    learned = np.asarray(learned_A)[np.ix_(rows, rows)]
+    true = np.asarray(true_A)[np.ix_(mapping[rows], mapping[rows])]
+    return float(np.mean(np.abs(learned - true)))

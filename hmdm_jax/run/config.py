@@ -1,0 +1,283 @@
+"""The run's configuration: one frozen :class:`RunConfig`, grouped by what each section acts on.
+
+A config is printed, saved with every checkpoint (``to_dict``/``from_dict`` round-trip through JSON) and
+overridable from the command line with ``--set section.field=value`` (:func:`apply_overrides`). Options
+that only mean something together live in one section (``reseed``, ``band``, ``warm_start``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+from hmdm_jax import em, emission, models, warm_start
+
+__all__ = [
+    "MODEL_TYPES", "BandConfig", "DiffusionConfig", "EvalConfig", "LoopConfig", "OptimConfig",
+    "ReseedConfig", "RunConfig", "WarmStartConfig", "apply_overrides",
+]
+
+MODEL_TYPES = ("hmdm", "mixture")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam with linear warm-up, global-norm clipping and an EMA of the parameters."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "optim.learning_rate must be > 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise schedule (one object for training, scoring and sampling); ``timesteps`` is T."""
+
+    schedule: str = "linear"
+    timesteps: int = 1000
+
+    def __post_init__(self):
+        _check(self.timesteps >= 1, "diffusion.timesteps must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Length and batching of the loop, logging and checkpoints.
+
+    Attributes:
+      train_steps: optimizer steps.
+      batch_size: frames (mixture) or sequences (HMDM) per step, global over all devices.
+      steps_per_call: fuse this many steps into one jitted ``lax.scan`` (cuts dispatch on small models).
+      observed_batch_fraction: this fraction of every batch is drawn from the items with at least one
+        observed label, the rest uniformly (labelled data weighted up, as in semi-supervised EM, Nigam et
+        al., 2000). No effect without observed labels.
+      log_every, checkpoint_every: in steps (0 disables checkpoints between the final one).
+      keep_checkpoints: the last k checkpoints are kept.
+    """
+
+    train_steps: int = 3000
+    batch_size: int = 8
+    steps_per_call: int = 1
+    observed_batch_fraction: float = 0.0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        _check(self.train_steps >= 1, f"loop.train_steps must be >= 1, got {self.train_steps}")
+        _check(self.batch_size >= 1, f"loop.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.steps_per_call >= 1, f"loop.steps_per_call must be >= 1, got {self.steps_per_call}")
+        _check(0.0 <= self.observed_batch_fraction < 1.0,
+               f"loop.observed_batch_fraction must be in [0, 1), got {self.observed_batch_fraction}")
+        _check(self.log_every >= 0 and self.checkpoint_every >= 0, "loop.log_every and checkpoint_every must be >= 0")
+        _check(self.keep_checkpoints >= 1, "loop.keep_checkpoints must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartConfig:
+    """Clamp cluster labels of the frames for the first ``steps`` steps (EM from a random start leaves dead
+    or merged classes).
+
+    Attributes:
+      method: "kmeans" (seeded by the class means of observed labels when every class has some), "ward"
+        (Ward's agglomerative clusters; at most ``warm_start.MAX_WARD_FRAMES`` frames) or "none".
+      steps: length of the warm start.
+    """
+
+    method: str = "kmeans"
+    steps: int = 500
+
+    def __post_init__(self):
+        _check(self.method in warm_start.METHODS + ("none",),
+               f"warm_start.method must be one of {warm_start.METHODS + ('none',)}, got {self.method!r}")
+        _check(self.steps >= 0, "warm_start.steps must be >= 0")
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none" and self.steps > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReseedConfig:
+    """Dead-state re-seeding: every ``every`` steps after the warm start, decode the training frames; a
+    state used by fewer than ``min_usage / K`` of them takes one 2-means half of the most used state's
+    frames, clamped for ``steps`` steps. ``every = 0`` disables it; ``num_t`` is the decoding's t-draws."""
+
+    every: int = 500
+    min_usage: float = 0.5
+    steps: int = 250
+    num_t: int = 4
+
+    def __post_init__(self):
+        _check(self.every >= 0 and self.steps >= 0 and self.num_t >= 1, "reseed.every, steps >= 0 and num_t >= 1")
+        _check(0.0 <= self.min_usage <= 1.0, "reseed.min_usage must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class BandConfig:
+    """The label-free choice of the scoring band ``em.t_range`` at the end of the warm start: the candidate
+    (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment on
+    ``frames`` training frames (:func:`em.select_t_range`). Needs a warm start or observed labels."""
+
+    choose: bool = False
+    frames: int = 2048
+
+    def __post_init__(self):
+        _check(self.frames >= 1, "band.frames must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Periodic and final decoding.
+
+    Attributes:
+      every: evaluate every this many steps (0: only at the end, by the script).
+      num_t: t-draws per frame when decoding during training.
+      final_num_t: t-draws (grid terms for "elbo") of the final decoding, ``decode.py`` and ``evaluate.py``.
+      final_estimator: the emission estimator of that decoding (None: the training one). A likelihood
+        bound ("elbo") is decoded untempered.
+      batch_size: sequences (or images) decoded per jitted call.
+    """
+
+    every: int = 1000
+    num_t: int = 16
+    final_num_t: int = 64
+    final_estimator: str | None = None
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _check(self.final_estimator is None or self.final_estimator in emission.ESTIMATORS,
+               f"evaluation.final_estimator must be None or one of {tuple(emission.ESTIMATORS)}, "
+               f"got {self.final_estimator!r}")
+        _check(self.every >= 0 and self.num_t >= 1 and self.final_num_t >= 1 and self.batch_size >= 1,
+               "evaluation.every >= 0, num_t, final_num_t and batch_size >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; the checkpoint's config.
+
+    Attributes:
+      model_type: "hmdm" or "mixture".
+      network: the ε-network architecture.
+      em: E-step, loss and M-step options (``em.num_classes`` is K).
+      event_shape: the shape of one frame, e.g. (8, 8, 1).
+      seed: the run's one seed; every random stream (init, train, eval, heuristics) is split from it.
+      data: a free-form record of how the data were made (source, split, sequence settings).
+    """
+
+    model_type: str
+    network: models.ModelConfig
+    em: em.EMConfig
+    event_shape: tuple[int, ...]
+    optim: OptimConfig = OptimConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    loop: LoopConfig = LoopConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    reseed: ReseedConfig = ReseedConfig()
+    band: BandConfig = BandConfig()
+    evaluation: EvalConfig = EvalConfig()
+    seed: int = 0
+    data: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        _check(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        object.__setattr__(self, "event_shape", tuple(int(d) for d in self.event_shape))
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, f"seed must be an int in [0, 2**32), got {self.seed!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return self.em.num_classes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _from_dict(cls, d)
+
+    def replace(self, **sections) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def _from_dict(cls, d):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value, hint = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value)
+        elif isinstance(value, list):
+            value = _to_tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def apply_overrides(config, overrides: list[str]):
+    """``config`` with dotted overrides applied, e.g. ``["loop.train_steps=100", "em.temperature=0.2"]``.
+
+    Values are parsed as JSON when possible (numbers, true/false, null, lists), else kept as strings, and
+    must match the field's type: an unknown field or a value of the wrong type raises a ``ValueError``
+    that names the field.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        config = _replace_path(config, path.split("."), _to_tuple(value), path)
+    return config
+
+
+def _replace_path(obj, names, value, full):
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if names[0] not in fields:
+        raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has {sorted(fields)}")
+    if len(names) == 1:
+        hint = typing.get_type_hints(type(obj))[names[0]]
+        return dataclasses.replace(obj, **{names[0]: _coerce(value, hint, full)})
+    return dataclasses.replace(obj, **{names[0]: _replace_path(getattr(obj, names[0]), names[1:], value, full)})
+
+
+def _coerce(value, hint, full):
+    """``value`` checked against the field's type ``hint`` (ints accepted for floats)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, str):
+            return value
+        origin = typing.get_origin(option)
+        if (option is tuple or origin is tuple) and isinstance(value, tuple):
+            return value
+        if option is Any:
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"config field {full!r} expects {names}, got {value!r}")

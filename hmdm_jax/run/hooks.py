@@ -1,0 +1,186 @@
+"""The loop's periodic hooks: small functions over an explicit :class:`LoopState`.
+
+A hook is called after every step (or fused block of steps) as ``hook(ctx, loop, prev_step) -> LoopState``
+and decides itself whether it is due (:func:`crossed`). What a hook decides is recorded in
+``LoopState.decisions`` / ``LoopState.clamp``, saved with every checkpoint and logged with its reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hmdm_jax import em, matching, warm_start
+from hmdm_jax.run.batches import Clamp, TrainData
+from hmdm_jax.run.config import RunConfig
+from hmdm_jax.run.evaluation import evaluate, predict_states
+from hmdm_jax.run.parts import RunParts, Streams
+from hmdm_jax.state import TrainState
+
+__all__ = ["Hook", "LoopState", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
+           "reseed_dead_states", "revived_labels", "trained_config"]
+
+
+BAND_STREAM = 0x5E1EC7  # with seed and step, seeds the host-side draw of the frames scored for the band
+
+
+class RunContext(NamedTuple):
+    """What every hook may read: the run's config (as given), parts, data, keys and the log."""
+
+    config: RunConfig
+    parts: RunParts
+    data: TrainData
+    heldout: TrainData | None
+    phase_labels: np.ndarray  # run.batches.phase_labels
+    streams: Streams
+    true_A: np.ndarray | None
+    log: Callable[[dict, str | None], None]  # (record for metrics.jsonl, message for the console or None)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """The loop's host-side state between steps.
+
+    Attributes:
+      step: optimizer steps taken (kept on the host: no device sync to read it).
+      train_state: the device-side :class:`TrainState`.
+      decisions: what hooks chose that changes training, e.g. ``{"t_range": [lo, hi]}``; JSON-able.
+      clamp: labels clamped by a hook until a step, or None.
+      evaluation: the last periodic evaluation.
+    """
+
+    step: int
+    train_state: TrainState
+    decisions: dict = dataclasses.field(default_factory=dict)
+    clamp: Clamp | None = None
+    evaluation: dict = dataclasses.field(default_factory=dict)
+
+
+class Hook(Protocol):
+    def __call__(self, ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState: ...
+
+
+def crossed(prev_step: int, step: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (prev_step, step] (never for ``every = 0``)."""
+    return every > 0 and step // every > prev_step // every
+
+
+def trained_config(config: RunConfig, decisions: dict) -> RunConfig:
+    """``config`` with the hooks' decisions applied: the config the run trains (and decodes) with."""
+    if decisions.get("t_range") is None:
+        return config
+    band = tuple(float(b) for b in decisions["t_range"])
+    return dataclasses.replace(config, em=dataclasses.replace(config.em, t_range=band))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def periodic_evaluation(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
+    """Every ``evaluation.every`` steps: decode the training items and the held-out set, log the scores."""
+    if not crossed(prev_step, loop.step, ctx.config.evaluation.every):
+        return loop
+    config = trained_config(ctx.config, loop.decisions)
+    ev = evaluate(config, ctx.parts, loop.train_state, ctx.data, ctx.heldout, num_t=config.evaluation.num_t,
+                  true_A=ctx.true_A, key=jax.random.fold_in(ctx.streams.eval, loop.step))
+    items = [f"step {loop.step}"] + [f"{k}={ev[k]:.4f}" for k in
+                                      ("heldout_accuracy", "heldout_accuracy_train_matching", "train_accuracy", "A_mae")
+                                      if k in ev]
+    items.append("usage=" + ",".join(f"{u:.2f}" for u in ev["class_usage"]))
+    ctx.log({"eval": {k: v for k, v in ev.items() if k != "heldout_states"}}, "  ".join(items))
+    loop.evaluation = ev
+    return loop
+
+
+def choose_band(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
+    """At the end of the warm start (``band.choose``): the scoring band that best reproduces the warm-start
+    assignment (:func:`em.select_t_range`, no labels), recorded as ``decisions["t_range"]``."""
+    config = ctx.config
+    boundary = max(config.warm_start.steps, 1)
+    if not config.band.choose or "t_range" in loop.decisions or not prev_step < boundary <= loop.step:
+        return loop
+    assignment = ctx.phase_labels[0]
+    valid = (assignment >= 0) & ctx.data.valid
+    frames, classes = ctx.data.images[valid], assignment[valid]
+    key = jax.random.fold_in(ctx.streams.heuristics, loop.step)
+    pick = np.sort(np.random.default_rng([config.seed, loop.step, BAND_STREAM]).permutation(len(frames))
+                   [: config.band.frames])
+    state = loop.train_state
+    params = state.ema_params if config.em.score_with_ema else state.params
+    band, agreement = em.select_t_range(config.em, ctx.parts.eps_fn, params, ctx.parts.schedule,
+                                        jnp.asarray(frames[pick]), jnp.asarray(classes[pick], jnp.int32), key)
+    agreement = [float(a) for a in np.asarray(agreement)]
+    loop.decisions = {**loop.decisions, "t_range": [float(b) for b in band]}
+    scores = dict(zip(map(str, em.CANDIDATE_BANDS), agreement))
+    ctx.log({"t_range": list(band), "band_agreement": scores},
+            f"step {loop.step}: scoring band t_range = {tuple(band)} (agreement with the warm start: "
+            + ", ".join(f"{b}: {a:.3f}" for b, a in scores.items()) + ")")
+    return loop
+
+
+def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_usage: float, seed: int
+                   ) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+    """Clamp labels that revive dead states, or None when every state is alive.
+
+    A state used by fewer than ``min_usage / K`` of the valid frames takes one of the two 2-means halves
+    (on the pixels) of the most used state's frames (the half without that state's first frame). Only the
+    reassigned frames and the observed labels are clamped; the rest stay free.
+
+    Args:
+      states: the decoded states of the training data, shaped like ``data.labels``.
+
+    Returns:
+      ``(labels shaped like data.labels with −1 = free, [(dead state, state it split)])`` or None.
+    """
+    valid, clamped = data.valid, data.clamped
+    usage = matching.class_usage(states[valid], num_classes)
+    dead = [int(d) for d in np.flatnonzero(usage < min_usage / num_classes)]
+    if not dead:
+        return None
+    current = np.where(clamped >= 0, clamped, states)
+    touched = np.zeros(states.shape, bool)
+    event_ndim = data.images.ndim - states.ndim
+    splits = []
+    for d in dead:
+        largest = int(np.argmax(matching.class_usage(current[valid], num_classes)))
+        members = (current == largest) & valid & (clamped < 0)
+        if members.sum() < 2:
+            continue
+        frames = data.images[members].reshape((-1,) + data.images.shape[-event_ndim:])
+        halves = warm_start.kmeans_labels(frames, 2, seed=seed, pca_dims=20)
+        current[members] = np.where(halves == halves[0], largest, d)
+        touched |= members
+        splits.append((d, largest))
+    return np.where(touched, current, clamped).astype(np.int32), splits
+
+
+def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
+    """Every ``reseed.every`` steps after the warm start (while ``reseed.steps`` still fit in the run):
+    decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps."""
+    config, r = ctx.config, ctx.config.reseed
+    if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
+            and loop.step + r.steps < config.loop.train_steps):
+        return loop
+    trained = trained_config(config, loop.decisions)
+    states = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
+                            key=jax.random.fold_in(ctx.streams.heuristics, loop.step))["states"]
+    revived = revived_labels(ctx.data, states, config.num_classes, r.min_usage, config.seed)
+    if revived is None:
+        return loop
+    labels, splits = revived
+    loop.clamp = Clamp(loop.step + r.steps, labels)
+    usage = matching.class_usage(states[ctx.data.valid], config.num_classes)
+    ctx.log({"reseed": [{"dead": d, "split": s, "usage": float(usage[d])} for d, s in splits],
+             "clamped_until": loop.clamp.until},
+            f"step {loop.step}: re-seeding dead states " + ", ".join(
+                f"{d} (usage {usage[d]:.3f}) from a half of {s}" for d, s in splits)
+            + f"; clamped until step {loop.clamp.until}")
+    return loop
+
+
+def default_hooks(config: RunConfig) -> tuple[Hook, ...]:
+    """The hooks a run uses, in the order they run after a step."""
+    return (periodic_evaluation, reseed_dead_states, choose_band)

@@ -1,0 +1,71 @@
+"""Named presets: a :class:`~hmdm_jax.run.config.RunConfig` for a model type, K and frame shape.
+
+* ``cpu-small``: an MLP ε-network, minutes on a 2-core CPU (the README's main job).
+* ``gpu``: the U-Net sized for the frame shape, one GPU.
+* ``tpu``: the same U-Net with a larger global batch, for a pod slice.
+
+The measurements behind each choice are in RESULTS.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from hmdm_jax import em, models, warm_start
+from hmdm_jax.run.config import (BandConfig, EvalConfig, LoopConfig, OptimConfig, RunConfig,
+                                 WarmStartConfig)
+
+__all__ = ["PRESETS", "preset"]
+
+PRESETS = ("cpu-small", "gpu", "tpu")
+
+
+def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int, ...], **data) -> RunConfig:
+    """The named preset.
+
+    ``data`` is the record of where the frames came from, saved in the config (``source=...``,
+    ``num_images=...``). Two entries change the mixture's ``cpu-small`` preset: ``observed_labels > 0``
+    turns on the label loss (``em.label_loss_weight = 0.1``) and 6,000 steps; ``num_images`` up to
+    ``warm_start.MAX_WARD_FRAMES`` (or absent) gives it Ward's warm start, larger sets k-means.
+    """
+    event_shape = tuple(int(d) for d in event_shape)
+    sequences = model_type == "hmdm"
+    # HMDM scores one t-draw per frame and step: its chain pools the evidence of neighbouring frames
+    em_config = em.EMConfig(num_classes=num_classes, num_t=1 if sequences else 2)
+    record = tuple(data.items())
+    if name == "cpu-small":
+        # Frames larger than the width need the input skip to pass the noise through. Class scores are sums
+        # over D values, so the temperature grows with D (0.15 per 64 values): otherwise a 28×28 E-step is so
+        # sharp that all frames collapse into one or two states.
+        dim = int(np.prod(event_shape))
+        network = dataclasses.replace(models.get_model_config("mlp"), mlp_width=256, mlp_depth=3,
+                                      mlp_input_skip=dim > 256)
+        em_config = dataclasses.replace(em_config, temperature=em_config.temperature * max(1.0, dim / 64))
+        loop = LoopConfig(train_steps=3000, batch_size=8 if sequences else 256)
+        if sequences:
+            return RunConfig(model_type, network, em_config, event_shape, loop=loop, data=record)
+        # The mixture: Ward's clusters (O(N²) memory) as the start, the label-free band choice, and
+        # decoding by the grid ELBO, a classification by the model's own likelihood bound.
+        fits_ward = data.get("num_images", 0) <= warm_start.MAX_WARD_FRAMES
+        loop = dataclasses.replace(loop, observed_batch_fraction=0.5)
+        evaluation = EvalConfig(final_estimator="elbo", final_num_t=50)
+        if data.get("observed_labels", 0) > 0:
+            # without labels the label loss would only cost K network passes
+            em_config = dataclasses.replace(em_config, label_loss_weight=0.1)
+            loop = dataclasses.replace(loop, train_steps=6000)
+        return RunConfig(model_type, network, em_config, event_shape, loop=loop,
+                         warm_start=WarmStartConfig("ward" if fits_ward else "kmeans"),
+                         band=BandConfig(choose=True), evaluation=evaluation, data=record)
+    if name in ("gpu", "tpu"):
+        network = models.get_model_config(_unet_for(event_shape))
+        frames = 1024 if name == "gpu" else 4096
+        loop = LoopConfig(train_steps=50_000, batch_size=frames // 32 if sequences else frames, checkpoint_every=2000)
+        optim = OptimConfig(learning_rate=2e-4, warmup_steps=1000, ema_decay=0.9995)
+        return RunConfig(model_type, network, em_config, event_shape, optim=optim, loop=loop,
+                         evaluation=EvalConfig(every=5000), data=record)
+    raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
+
+
+def _unet_for(event_shape):
+    return {8: "digits8-unet", 28: "mnist28-unet", 32: "cifar32-unet"}.get(event_shape[0], "mnist28-unet")
