@@ -13,7 +13,8 @@
       default_no_warm_start  the default without the k-means warm start (random initialisation).
 (b) Initialisation.
       pretrained             a conditional diffusion trained with ALL true labels (the supervised
-                             reference and the starting point of fine-tuning; π, A from label counts).
+                             reference and the starting point of fine-tuning): the same training loop
+                             with every label clamped, π and A estimated by its M-step from the labels.
       finetune               EM (default E-step, labels hidden, no warm start) started from the
                              pretrained ε-network: compare with default_no_warm_start (random init).
 
@@ -48,15 +49,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import hmdm as hmdm_experiment  # experiments/hmdm.py: the sequence construction
-from hmdm_jax import checkpoint, em, metrics, mixture
+from hmdm_jax import checkpoint, em
 from hmdm_jax import data as hdata
-from hmdm_jax import train as htrain
+from hmdm_jax import run
 
 MULTI_T_DRAWS = 8
 ELBO_GRID = 10
@@ -92,10 +92,11 @@ ROWS = [
         lambda k: [f"em.temperature={UNTEMPERED}"]),
     Row("default", "a", "default: eps_mse (preset draws: 1 for HMDM), band 0.3-0.6 T, temperature 0.15", lambda k: []),
     Row("default_no_warm_start", "a, b", "default, no k-means warm start (random init)",
-        lambda k: ["loop.warm_start=none"]),
-    Row("pretrained", "b", "supervised: all true labels (reference; start of finetune)", lambda k: [], "pretrain"),
+        lambda k: ["warm_start.method=none"]),
+    Row("pretrained", "b", "supervised: all true labels (reference; start of finetune)",
+        lambda k: ["warm_start.method=none", "reseed.every=0", "em.learn_pi=true"], "pretrain"),
     Row("finetune", "b", "default EM from the pretrained network, labels hidden, no warm start",
-        lambda k: ["loop.warm_start=none"], "finetune"),
+        lambda k: ["warm_start.method=none"], "finetune"),
 ]
 ROW_NAMES = [r.name for r in ROWS]
 
@@ -104,7 +105,7 @@ def parse_args(argv=None):
     h = hmdm_experiment.parse_args(["--workdir", "-"])  # the sequence flags' defaults of experiments/hmdm.py
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/ablations", help="output directory (default runs/ablations)")
-    p.add_argument("--model", default="hmdm", choices=htrain.MODEL_TYPES, help="hmdm (default) or mixture")
+    p.add_argument("--model", default="hmdm", choices=run.config.MODEL_TYPES, help="hmdm (default) or mixture")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and draws (all rows)")
     p.add_argument("--steps", type=int, default=1500, help="training steps of every row (default 1500)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="supervised pretraining steps (default: --steps)")
@@ -144,8 +145,8 @@ def parse_args(argv=None):
 
 
 class Data(NamedTuple):
-    train: htrain.TrainData
-    heldout: htrain.TrainData | None
+    train: run.TrainData
+    heldout: run.TrainData | None
     true_A: np.ndarray | None
     num_classes: int
     event_shape: tuple
@@ -154,13 +155,7 @@ class Data(NamedTuple):
 
 def build_data(args) -> Data:
     if args.model == "hmdm":
-        h = hmdm_experiment.parse_args([
-            "--workdir", str(args.workdir), "--data", args.data, "--seed", str(args.seed),
-            "--num-sequences", str(args.num_sequences), "--heldout-sequences", str(args.heldout_sequences),
-            "--length", str(args.length), "--transition", args.transition, "--stay", str(args.stay),
-            "--heldout-fraction", str(args.heldout_fraction)]
-            + ([] if args.num_classes is None else ["--num-classes", str(args.num_classes)]))
-        train_seqs, held_seqs, true_A = hmdm_experiment.make_sequences(h)
+        train_seqs, held_seqs, true_A = hmdm_experiment.sequences_from_args(args)
         k = args.num_classes or train_seqs.num_classes
         hidden = np.zeros(train_seqs.labels.shape, bool)
         record = dict(source=args.data, num_sequences=len(train_seqs.images), heldout_sequences=len(held_seqs.images),
@@ -172,7 +167,7 @@ def build_data(args) -> Data:
     images = hdata.load_source(args.data)
     k = args.num_classes or images.num_classes
     record = dict(source=args.data, num_images=len(images.images), observed_labels=0.0)
-    return Data(htrain.TrainData(images.images, images.labels, np.zeros(images.labels.shape, bool)), None, None, k,
+    return Data(run.TrainData(images.images, images.labels, np.zeros(images.labels.shape, bool)), None, None, k,
                 tuple(images.images.shape[1:]), record)
 
 
@@ -180,24 +175,24 @@ def build_data(args) -> Data:
 # Configs
 
 
-def base_config(args, data: Data, notes: list) -> htrain.RunConfig:
-    config = htrain.preset(args.preset, args.model, data.num_classes, data.event_shape, **data.record)
-    config = _apply(config, [f"seed={args.seed}", f"loop.num_steps={args.steps}", "loop.eval_every=0"] + list(args.set))
-    if config.loop.warm_start != "none" and config.loop.warm_start_steps >= config.loop.num_steps:
-        short = max(1, config.loop.num_steps // 3)
-        notes.append(f"loop.warm_start_steps={config.loop.warm_start_steps} >= {config.loop.num_steps} steps: "
+def base_config(args, data: Data, notes: list) -> run.RunConfig:
+    config = run.preset(args.preset, args.model, data.num_classes, data.event_shape, **data.record)
+    config = _apply(config, [f"seed={args.seed}", f"loop.train_steps={args.steps}", "evaluation.every=0"] + list(args.set))
+    if config.warm_start.active and config.warm_start.steps >= config.loop.train_steps:
+        short = max(1, config.loop.train_steps // 3)
+        notes.append(f"warm_start.steps={config.warm_start.steps} >= {config.loop.train_steps} steps: "
                      f"the warm start is shortened to {short} steps (a third of the run)")
-        config = _apply(config, [f"loop.warm_start_steps={short}"])
+        config = _apply(config, [f"warm_start.steps={short}"])
     return config
 
 
-def row_config(base: htrain.RunConfig, row: Row) -> htrain.RunConfig:
+def row_config(base: run.RunConfig, row: Row) -> run.RunConfig:
     return _apply(base, row.overrides(base.em.num_classes))
 
 
 def _apply(config, overrides):
     try:
-        return htrain.apply_overrides(config, overrides)
+        return run.apply_overrides(config, overrides)
     except ValueError as e:
         common.fail(str(e))
 
@@ -206,7 +201,7 @@ def _json(obj) -> Any:
     return json.loads(json.dumps(obj, default=common._default))
 
 
-def e_step_summary(config: htrain.RunConfig, row: Row) -> str:
+def e_step_summary(config: run.RunConfig, row: Row) -> str:
     if row.kind == "pretrain":
         return "supervised (all labels)"
     e = config.em
@@ -219,9 +214,8 @@ def e_step_summary(config: htrain.RunConfig, row: Row) -> str:
         parts.append(f"band {e.t_range[0]:g}-{e.t_range[1]:g}")
     parts.append(f"temp {e.temperature:g}")
     parts.append("pi learned" if e.learn_pi else "pi fixed")
-    ws = config.loop.warm_start
     parts.append("init: pretrained" if row.kind == "finetune" else
-                 ("k-means warm start" if ws != "none" and config.loop.warm_start_steps > 0 else "no warm start"))
+                 (f"{config.warm_start.method} warm start" if config.warm_start.active else "no warm start"))
     return ", ".join(parts)
 
 
@@ -238,16 +232,9 @@ def common_scorer(config: em.EMConfig, num_t: int) -> em.EMConfig:
 
 
 def own_scorer(config: em.EMConfig, num_t: int) -> em.EMConfig:
-    """The row's own E-step estimator, with ``num_t`` draws where it allows them: random_t becomes
-    multi_t (the mean of num_t random_t terms, the same expectation), last_decoder keeps its single draw
-    (t = 1 is fixed), elbo keeps its training grid."""
-    if config.estimator == "random_t":
-        return dataclasses.replace(config, estimator="multi_t", num_t=num_t)
-    if config.estimator == "last_decoder":
-        return dataclasses.replace(config, num_t=1)
-    if config.estimator == "elbo":
-        return config
-    return dataclasses.replace(config, num_t=num_t)
+    """The row's own E-step estimator with ``num_t`` draws where it takes draws (``em.evaluation_config``);
+    elbo keeps its training grid."""
+    return em.evaluation_config(config, num_t=None if config.estimator == "elbo" else num_t)
 
 
 def scorer_summary(e: em.EMConfig) -> str:
@@ -256,40 +243,37 @@ def scorer_summary(e: em.EMConfig) -> str:
     return f"{e.estimator}, {draws}{band}, temperature {e.temperature:g}"
 
 
-def _decode(config, parts, state, scorer: em.EMConfig, images, mask, batch, key=None):
+def _decode(config, parts, state, scorer: em.EMConfig, images, mask, key=None):
     cfg = dataclasses.replace(config, em=scorer)
-    return htrain.predict_states(cfg, parts, state, images, mask, num_t=scorer.num_t, batch_size=batch, key=key)["states"]
+    return run.predict_states(cfg, parts, state, images, mask, num_t=scorer.num_t, key=key)["states"]
 
 
 def evaluate_row(config, parts, state, data: Data) -> dict:
     """Held-out Viterbi accuracy (HMDM) / clustering accuracy on all images (mixture), Hungarian-matched,
     with the common scorer (and with the row's own scorer), the accuracy with a matching learned on at
     most 64 training items, ARI/NMI, class usage."""
-    k = config.em.num_classes
+    k = config.num_classes
     hmdm = config.model_type == "hmdm"
-    num_t = config.loop.final_num_t
-    batch = config.loop.eval_batch_size * (1 if hmdm else 16)
+    num_t = config.evaluation.final_num_t
     scored = data.heldout if hmdm else data.train
     common_em, own_em = common_scorer(config.em, num_t), own_scorer(config.em, num_t)
-    pred = _decode(config, parts, state, common_em, scored.images, scored.mask, batch)
-    acc, _ = metrics.matched_accuracy(scored.labels, pred, None, k)
-    usage = metrics.class_usage(pred, k)
-    out = {"accuracy": acc, **metrics.clustering_scores(scored.labels, pred), "class_usage": usage.tolist(),
-           "class_usage_min": float(usage.min()), "scorer": scorer_summary(common_em),
-           "own_scorer": scorer_summary(own_em)}
-    own_pred = pred if own_em == common_em else _decode(config, parts, state, own_em, scored.images, scored.mask, batch)
-    out["accuracy_own_scorer"], _ = metrics.matched_accuracy(scored.labels, own_pred, None, k)
+    pred = _decode(config, parts, state, common_em, scored.images, scored.mask)
     m = min(64, len(data.train.images))
     tr = _decode(config, parts, state, common_em, data.train.images[:m],
-                 None if data.train.mask is None else data.train.mask[:m], batch, jax.random.PRNGKey(config.seed + 8))
-    mapping = metrics.best_matching(data.train.labels[:m], tr, None, k)
-    out["accuracy_train_matching"] = metrics.accuracy_with_mapping(scored.labels, pred, mapping)
-    out["matching"] = mapping.tolist()
+                 None if data.train.mask is None else data.train.mask[:m], jax.random.PRNGKey(config.seed + 8))
+    mapping = np.asarray(run.score_states(data.train.labels[:m], tr, k)["matching"])
+    learned = np.exp(np.asarray(state.log_A))
+    scores = run.score_states(scored.labels, pred, k, mapping=mapping, learned_A=learned if hmdm else None,
+                              true_A=data.true_A if hmdm and data.true_A is not None
+                              and data.true_A.shape == learned.shape else None)
+    out = {name: scores[name] for name in ("accuracy", "ari", "nmi", "class_usage", "accuracy_train_matching", "A_mae")
+           if name in scores}
+    out.update(class_usage_min=float(min(scores["class_usage"])), scorer=scorer_summary(common_em),
+               own_scorer=scorer_summary(own_em), matching=mapping.tolist())
+    own_pred = pred if own_em == common_em else _decode(config, parts, state, own_em, scored.images, scored.mask)
+    out["accuracy_own_scorer"] = run.score_states(scored.labels, own_pred, k)["accuracy"]
     if hmdm:
-        learned = np.exp(np.asarray(state.log_A))
         out["A_learned"] = learned.round(4).tolist()
-        if data.true_A is not None and data.true_A.shape == learned.shape:
-            out["A_mae"] = htrain.transition_error(learned, data.true_A, mapping)
     else:
         out["pi"] = np.exp(np.asarray(state.log_pi)).round(4).tolist()
     return out
@@ -299,56 +283,12 @@ def evaluate_row(config, parts, state, data: Data) -> dict:
 # Training of one row
 
 
-def _labelled_frames(data: Data) -> tuple[np.ndarray, np.ndarray]:
-    td = data.train
-    images, labels = (td.images, td.labels) if td.mask is None else (td.images[td.mask], td.labels[td.mask])
-    keep = labels >= 0
-    return images[keep], labels[keep].astype(np.int32)
-
-
-def pretrain(config: htrain.RunConfig, data: Data, workdir: Path, steps: int, progress: bool):
-    """A plain conditional DDPM trained with every true label (``mixture.make_supervised_step``) on the
-    training frames; π (and A) from the label counts. Saved as a normal checkpoint in ``workdir``."""
-    parts = htrain.build_parts(config)
-    frames, labels = _labelled_frames(data)
-    if len(frames) == 0:
+def labelled(data: Data) -> Data:
+    """The training data with every label observed: the supervised run clamps them all, so the loop's EM
+    step is a conditional DDPM step and its M-step estimates π and A from the labels."""
+    if not np.any(data.train.labels >= 0):
         common.fail("pretraining needs labelled training data")
-    k = config.em.num_classes
-    per_step = config.loop.batch_size * (data.train.images.shape[1] if config.model_type == "hmdm" else 1)
-    batch = min(per_step, len(frames))  # the same frames per step as the EM runs
-    step_fn = jax.jit(mixture.make_supervised_step(parts.eps_fn, parts.schedule, parts.optimizer, num_classes=k,
-                                                   label_dropout=config.em.label_dropout,
-                                                   ema_decay=config.optim.ema_decay), donate_argnums=0)
-    state = htrain.init_state(config, parts)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    log_every = config.loop.log_every
-    with open(workdir / "metrics.jsonl", "a") as log:
-        for step in tqdm(range(steps), disable=not progress, desc="pretrain", unit="step"):
-            idx = htrain.batch_indices(config.seed, step, len(frames), batch)
-            state, m = step_fn(state, {"images": frames[idx], "labels": labels[idx]},
-                               jax.random.fold_in(state.key, state.step))
-            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-                log.write(json.dumps({"step": step + 1, "loss": float(m["loss"])}) + "\n")
-    # The supervised M-step: π from the labels of the first frames, A from labelled transitions.
-    tl = data.train.labels
-    if config.model_type == "hmdm":
-        first = tl[:, 0]
-        pi_counts = np.bincount(first[first >= 0], minlength=k)
-        a, b = tl[:, :-1].reshape(-1), tl[:, 1:].reshape(-1)
-        ok = (a >= 0) & (b >= 0)
-        a_counts = np.zeros((k, k))
-        np.add.at(a_counts, (a[ok], b[ok]), 1)
-    else:
-        pi_counts = np.bincount(tl[tl >= 0], minlength=k)
-        a_counts = np.zeros((k, k))
-    pc = config.em.pseudo_count
-    state = state.replace(log_pi=em.dirichlet_log_probs(jnp.asarray(pi_counts, jnp.float32), pc),
-                          log_A=em.dirichlet_log_probs(jnp.asarray(a_counts, jnp.float32), pc))
-    with checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=1) as ckpt:
-        ckpt.save(state, metadata={"matching": list(range(k))}, force=True)
-        ckpt.wait()
-    return state, parts
+    return data._replace(train=data.train._replace(observed=data.train.labels >= 0))
 
 
 def _same_config(saved: dict | None, current: dict) -> bool:
@@ -357,17 +297,17 @@ def _same_config(saved: dict | None, current: dict) -> bool:
     if saved is None:
         return False
     try:
-        return _json(htrain.RunConfig.from_dict(saved).to_dict()) == current
+        return _json(run.RunConfig.from_dict(saved).to_dict()) == current
     except (TypeError, ValueError, KeyError):
         return False
 
 
-def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path, pretrained_params=None) -> dict:
+def run_row(args, row: Row, config: run.RunConfig, data: Data, workdir: Path, pretrained_params=None) -> dict:
     """Trains (or reuses) one row and evaluates it; returns its row record (also saved as row.json)."""
     row_dir = workdir / row.name
     config_json = _json(config.to_dict())
     saved = row_dir / "row.json"
-    steps = args.pretrain_steps if row.kind == "pretrain" else config.loop.num_steps
+    steps = args.pretrain_steps if row.kind == "pretrain" else config.loop.train_steps
     if saved.exists() and not args.rerun:
         old = json.loads(saved.read_text())
         if _same_config(old.get("config"), config_json) and old.get("steps") == steps and "results" in old \
@@ -377,23 +317,22 @@ def run_row(args, row: Row, config: htrain.RunConfig, data: Data, workdir: Path,
     resume = False
     if row_dir.exists():
         same = (row_dir / "config.json").exists() and _same_config(json.loads((row_dir / "config.json").read_text()), config_json)
-        if row.kind == "em" and same and not args.rerun and checkpoint.latest_step(row_dir / "checkpoints") is not None:
+        if row.kind != "finetune" and same and not args.rerun and checkpoint.latest_step(row_dir / "checkpoints") is not None:
             resume = True
             print(f"[{row.name}] resuming from {row_dir / 'checkpoints'}", flush=True)
         else:
             shutil.rmtree(row_dir)
     print(f"[{row.name}] {row.description}: {steps} steps", flush=True)
     t0 = time.perf_counter()
+    train_data = labelled(data).train if row.kind == "pretrain" else data.train
     if row.kind == "pretrain":
-        state, parts = pretrain(config, data, row_dir, steps, not args.no_progress)
-    else:
-        result = htrain.train(config, data.train, row_dir, heldout=data.heldout, true_A=data.true_A, resume=resume,
-                              progress=not args.no_progress,
-                              init_params=pretrained_params if row.kind == "finetune" else None)
-        if result.stopped_early:  # Ctrl-C/SIGTERM: the row's checkpoint is saved; rerunning resumes it
-            common.stopped(row_dir, result)
-            raise SystemExit(0)
-        state, parts, config = result.state, result.parts, result.config
+        config = _apply(config, [f"loop.train_steps={steps}"])
+    result = run.train(config, train_data, row_dir, heldout=data.heldout, true_A=data.true_A, resume=resume,
+                       progress=not args.no_progress, init_params=pretrained_params if row.kind == "finetune" else None)
+    if result.stopped_early:  # Ctrl-C/SIGTERM: the row's checkpoint is saved; rerunning resumes it
+        common.stopped(row_dir, result)
+        raise SystemExit(0)
+    state, parts, config = result.state, result.parts, result.config
     train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = evaluate_row(config, parts, state, data)
@@ -472,7 +411,7 @@ def main(argv=None):
                 record = run_row(args, row, config, data, workdir)
             if row.kind == "pretrain":
                 # The EMA parameters of the supervised run are the starting point of fine-tuning.
-                _, _, state, _ = htrain.load_run(workdir / row.name)
+                _, _, state, _ = run.load_run(workdir / row.name)
                 # Uncommitted copies: restored (committed) arrays would make the EM step compile anew.
                 pretrained_params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state.ema_params)
         except (Exception, SystemExit) as e:  # one failed row must not lose the others

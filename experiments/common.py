@@ -1,6 +1,6 @@
 """What the experiment scripts share: the common flags, data preparation, reports and figures.
 
-Experiments are thin: they parse flags, build data with ``hmdm_jax.data``, train with ``hmdm_jax.train``
+Experiments are thin: they parse flags, build data with ``hmdm_jax.data``, train with ``hmdm_jax.run``
 and write ``results.json`` and figures into the work directory. Nothing in ``hmdm_jax`` imports this.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from hmdm_jax import data as hdata
 from hmdm_jax import parallel
-from hmdm_jax import train as htrain
+from hmdm_jax import run
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="fraction F of labelled training frames whose label is clamped in training (default 0: unsupervised)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, sequences, initialisation and draws")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in WORKDIR")
-    p.add_argument("--steps", type=int, default=None, help="training steps (overrides the preset's loop.num_steps)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (overrides the preset's loop.train_steps)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config overrides, e.g. em.temperature=0.2 loop.batch_size=16")
     p.add_argument("--distributed", action="store_true",
@@ -52,18 +52,18 @@ def observed_mask(labels: np.ndarray, fraction: float, seed: int, valid: np.ndar
     return mask.reshape(labels.shape)
 
 
-def build_config(args, model_type: str, num_classes: int, event_shape, **data_record) -> htrain.RunConfig:
+def build_config(args, model_type: str, num_classes: int, event_shape, **data_record) -> run.RunConfig:
     if getattr(args, "distributed", False):
         parallel.initialize_distributed()  # before the first JAX computation of the run
-    config = htrain.preset(args.preset, model_type, num_classes, event_shape, **data_record)
-    overrides = [f"seed={args.seed}"] + ([f"loop.num_steps={args.steps}"] if args.steps else []) + list(args.set)
+    config = run.preset(args.preset, model_type, num_classes, event_shape, **data_record)
+    overrides = [f"seed={args.seed}"] + ([f"loop.train_steps={args.steps}"] if args.steps else []) + list(args.set)
     try:
-        return htrain.apply_overrides(config, overrides)
+        return run.apply_overrides(config, overrides)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def print_config(config: htrain.RunConfig) -> None:
+def print_config(config: run.RunConfig) -> None:
     print(json.dumps(config.to_dict(), indent=1, default=str), flush=True)
 
 

@@ -27,7 +27,7 @@ import common
 from hmdm_jax import checkpoint
 from hmdm_jax import data as hdata
 from hmdm_jax import emission, metrics
-from hmdm_jax import train as htrain
+from hmdm_jax import run
 
 
 def main(argv=None):
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--input", required=True, help="input .npz")
     p.add_argument("--output", required=True, help="output .npz")
     p.add_argument("--estimator", default=None, choices=emission.ESTIMATORS,
-                   help="emission estimator (default: the run's loop.final_estimator, else the training one)")
+                   help="emission estimator (default: the run's evaluation.final_estimator, else the training one)")
     p.add_argument("--num-t", type=int, default=None, help="t-draws per frame (default: the run's final_num_t)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences (images) per jitted call")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        config, parts, state, metadata = htrain.load_run(args.workdir, args.step)
+        config, parts, state, metadata = run.load_run(args.workdir, args.step)
     except checkpoint.CheckpointError as e:
         common.fail(str(e))
     state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)  # uncommitted: shares compilations
@@ -57,16 +57,13 @@ def main(argv=None):
     event = ds.images.shape[2:] if hmdm else ds.images.shape[1:]
     if tuple(event) != tuple(config.event_shape):
         common.fail(f"input frames have shape {tuple(event)}, the model was trained on {tuple(config.event_shape)}")
-    num_t = args.num_t or config.loop.final_num_t
-    estimator = args.estimator or htrain.final_estimator(config)
-    if estimator == "random_t" and num_t > 1:
-        estimator = "multi_t"  # the mean of num_t random_t terms (random_t itself takes one draw)
-    elif estimator == "last_decoder" and num_t > 1:
-        num_t = 1  # t = 1 is fixed: one draw
-    batch = args.batch_size or config.loop.eval_batch_size * (1 if hmdm else 16)
-    out = htrain.predict_states(config, parts, state, ds.images, ds.mask if hmdm else None, num_t=num_t,
-                                batch_size=batch, key=jax.random.PRNGKey(args.seed), estimator=estimator,
-                                progress=not args.no_progress)
+    final_estimator, final_num_t = run.evaluation.final_decoding(config)
+    num_t = args.num_t or final_num_t
+    estimator = args.estimator or final_estimator
+    batch = args.batch_size or config.evaluation.batch_size * (1 if hmdm else 16)
+    out = run.predict_states(config, parts, state, ds.images, ds.mask if hmdm else None, num_t=num_t,
+                          batch_size=batch, key=jax.random.PRNGKey(args.seed), estimator=estimator,
+                          progress=not args.no_progress)
     result = {"states": out["states"].astype(np.int32)}
     if hmdm:
         result.update(log_joint=out["log_joint"], marginals=out["marginals"])
@@ -82,10 +79,10 @@ def main(argv=None):
     np.savez(args.output, **result)
     print(f"wrote {args.output}: " + ", ".join(f"{n} {v.shape}" for n, v in result.items()))
     if np.any(ds.labels >= 0):
-        acc, _ = metrics.matched_accuracy(ds.labels, result["states"], k, k)
-        line = f"accuracy (Hungarian on this input): {acc:.4f}"
+        scores = run.score_states(ds.labels, result["states"], k, mapping=mapping)
+        line = f"accuracy (Hungarian on this input): {scores['accuracy']:.4f}"
         if mapping is not None:
-            line += f"; with the saved matching: {metrics.accuracy_with_mapping(ds.labels, result['states'], mapping):.4f}"
+            line += f"; with the saved matching: {scores['accuracy_train_matching']:.4f}"
         print(line)
     return result
 

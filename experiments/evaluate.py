@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import hmdm as hmdm_experiment  # experiments/hmdm.py: the sequence construction of training
-from hmdm_jax import checkpoint, emission, metrics, sampling
+from hmdm_jax import checkpoint, emission, matching, metrics, sampling
 from hmdm_jax import data as hdata
-from hmdm_jax import train as htrain
+from hmdm_jax import run
 
 DEFAULT_NLL_ITEMS = {"hmdm": 20, "mixture": 500}
 FIGURE_SAMPLES_PER_CLASS = 8
@@ -128,14 +128,14 @@ class RunData(NamedTuple):
     ``true_A`` the transition matrix of generated sequences (None otherwise); ``notes`` caveats.
     """
 
-    train: htrain.TrainData
-    heldout: htrain.TrainData | None
+    train: run.TrainData
+    heldout: run.TrainData | None
     true_A: np.ndarray | None
     num_data_classes: int
     notes: list
 
 
-def rebuild_data(config: htrain.RunConfig, workdir: Path) -> RunData:
+def rebuild_data(config: run.RunConfig, workdir: Path) -> RunData:
     record = dict(config.data)
     source = record.get("source")
     if source is None:
@@ -150,19 +150,12 @@ def rebuild_data(config: htrain.RunConfig, workdir: Path) -> RunData:
 
 
 def _rebuild_sequences(config, workdir, record, notes) -> RunData:
-    argv = ["--workdir", str(workdir), "--data", str(record["source"]), "--seed", str(config.seed),
-            "--num-classes", str(config.em.num_classes)]
-    flags = {"num_sequences": "--num-sequences", "heldout_sequences": "--heldout-sequences", "length": "--length",
-             "transition": "--transition", "stay": "--stay", "heldout_fraction": "--heldout-fraction"}
-    for key, flag in flags.items():
-        if key in record and record[key] is not None:
-            argv += [flag, str(record[key])]
-    args = hmdm_experiment.parse_args(argv)
-    missing = [key for key in ("stay", "heldout_fraction") if key not in record]
+    given = {name: record[name] for name in hmdm_experiment.SEQUENCE_FLAGS if record.get(name) is not None}
+    missing = [key for key in ("stay", "heldout_fraction") if key not in given]
     if missing and not str(record["source"]).startswith("npz:"):
-        notes.append(f"config.data does not record {', '.join(missing)}: rebuilt with experiments/hmdm.py's defaults "
-                     f"(stay={args.stay}, heldout_fraction={args.heldout_fraction})")
-    train_seqs, held_seqs, true_A = hmdm_experiment.make_sequences(args)
+        notes.append(f"config.data does not record {', '.join(missing)}: rebuilt with experiments/hmdm.py's defaults")
+    train_seqs, held_seqs, true_A = hmdm_experiment.make_sequences(source=str(record["source"]), seed=config.seed,
+                                                                   num_classes=config.num_classes, **given)
     if "num_sequences" in record and len(train_seqs.images) != int(record["num_sequences"]):
         notes.append(f"rebuilt {len(train_seqs.images)} training sequences, the config records {record['num_sequences']}")
     observed = common.observed_mask(train_seqs.labels, float(record.get("observed_labels", 0.0)), config.seed,
@@ -177,7 +170,7 @@ def _rebuild_images(config, record, notes) -> RunData:
     if "num_images" in record and len(images.images) != int(record["num_images"]):
         notes.append(f"the source now has {len(images.images)} images, the config records {record['num_images']}")
     observed = common.observed_mask(images.labels, float(record.get("observed_labels", 0.0)), config.seed)
-    train = htrain.TrainData(images.images, images.labels, observed)
+    train = run.TrainData(images.images, images.labels, observed)
     return RunData(train, None, None, max(images.num_classes, config.em.num_classes), notes)
 
 
@@ -201,72 +194,57 @@ def full_mapping(mapping, k: int) -> np.ndarray | None:
     return np.concatenate([mapping, np.full(k - len(mapping), -1, np.int64)])
 
 
-def decoding_estimator(estimator: str, num_t: int) -> tuple[str, int]:
-    """(estimator, num_t) for decoding: the single-draw estimators cannot average draws, so random_t
-    becomes multi_t (the mean of num_t random_t terms, the same expectation) and last_decoder (t = 1
-    fixed) keeps one draw."""
-    if estimator == "random_t" and num_t > 1:
-        return "multi_t", num_t
-    if estimator == "last_decoder":
-        return estimator, 1
-    return estimator, num_t
-
-
 def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tuple[dict, dict]:
     """(results, internals): Hungarian and saved-matching accuracy, ARI/NMI, class usage, A; the internals
     (predicted states, the labels they are scored against, the matching) feed the figures and FID."""
-    k = config.em.num_classes
+    k = config.num_classes
     hmdm = config.model_type == "hmdm"
-    estimator, num_t = decoding_estimator(args.estimator or htrain.final_estimator(config), args.num_t or config.loop.final_num_t)
-    batch = args.batch_size or config.loop.eval_batch_size * (1 if hmdm else 16)
+    final_estimator, final_num_t = run.evaluation.final_decoding(config)
+    estimator, num_t = args.estimator or final_estimator, args.num_t or final_num_t
+    batch = args.batch_size or config.evaluation.batch_size * (1 if hmdm else 16)
     scored = data.heldout if hmdm else data.train
     n = len(scored.images) if args.accuracy_max_items is None else min(args.accuracy_max_items, len(scored.images))
     key = jax.random.PRNGKey(args.seed + 7)
-    pred = htrain.predict_states(config, parts, state, scored.images[:n], None if scored.mask is None else scored.mask[:n],
-                                 num_t=num_t, batch_size=batch, key=key, estimator=estimator,
-                                 progress=not args.no_progress)["states"]
-    true = scored.labels[:n]
+    decode = lambda d, m, key: run.predict_states(config, parts, state, d.images[:m], None if d.mask is None else d.mask[:m],
+                                                  num_t=num_t, batch_size=batch, key=key, estimator=estimator,
+                                                  progress=not args.no_progress)["states"]
+    pred, true = decode(scored, n, key), scored.labels[:n]
+    mapping, source = full_mapping(metadata.get("matching") if isinstance(metadata, dict) else None, k), "checkpoint metadata"
+    if mapping is None and np.any(data.train.labels >= 0):
+        m = min(64, len(data.train.images))
+        mapping = run.score_states(data.train.labels[:m], decode(data.train, m, jax.random.fold_in(key, 1)), k).get("matching")
+        mapping = None if mapping is None else np.asarray(mapping)
+        source = f"learned now on {m} training {'sequences' if hmdm else 'images'} (the checkpoint saved none)"
+    observed = None
+    if not hmdm and float(dict(config.data).get("observed_labels", 0.0)) > 0:
+        observed = data.train.observed[:n]
+    learned_A = np.exp(np.asarray(state.log_A))
+    true_A = data.true_A if hmdm and data.true_A is not None and data.true_A.shape == learned_A.shape else None
+    scores = run.score_states(true, pred, k, mapping=mapping, learned_A=learned_A if hmdm else None, true_A=true_A)
     out: dict[str, Any] = {
         "evaluated_on": (f"{n} held-out sequences ({int(scored.mask[:n].sum())} frames), Viterbi paths" if hmdm
                          else f"{n} images (all the data: the mixture clusters its training set)"),
-        "decode_num_t": num_t, "decode_estimator": estimator,
-        "class_usage": metrics.class_usage(pred, k).tolist(),
+        "decode_num_t": num_t, "decode_estimator": estimator, "class_usage": scores["class_usage"],
     }
     out["class_usage_min"] = float(min(out["class_usage"]))
-    saved = metadata.get("matching") if isinstance(metadata, dict) else None
-    mapping, source = full_mapping(saved, k), "checkpoint metadata"
-    labelled = bool(np.any(true >= 0))
-    if mapping is None and np.any(data.train.labels >= 0):
-        m = min(64, len(data.train.images))
-        tr = htrain.predict_states(config, parts, state, data.train.images[:m],
-                                   None if data.train.mask is None else data.train.mask[:m], num_t=num_t,
-                                   batch_size=batch, key=jax.random.fold_in(key, 1), estimator=estimator)["states"]
-        mapping = metrics.best_matching(data.train.labels[:m], tr, data.num_data_classes, k)
-        source = f"learned now on {m} training {'sequences' if hmdm else 'images'} (the checkpoint saved none)"
     hungarian = None
-    if labelled:
-        acc, hungarian = metrics.matched_accuracy(true, pred, data.num_data_classes, k)
-        out["accuracy"] = acc
-        out.update(metrics.clustering_scores(true, pred))
+    if "accuracy" in scores:
+        hungarian = np.asarray(scores["matching"])
+        out.update({name: scores[name] for name in ("accuracy", "ari", "nmi", "accuracy_train_matching", "A_mae")
+                    if name in scores})
         if mapping is not None:
-            out["accuracy_train_matching"] = metrics.accuracy_with_mapping(true, pred, mapping)
-            out["matching"] = mapping.tolist()
-            out["matching_source"] = source
-        if not hmdm and float(dict(config.data).get("observed_labels", 0.0)) > 0:
-            observed = data.train.observed[:n]
-            # Observed labels clamp state k to label k in training: the identity matching is the right one.
-            out["masked_label_accuracy"] = metrics.masked_label_accuracy(true, pred, observed)
-            out["masked_label_accuracy_hungarian"] = metrics.masked_label_accuracy(true, pred, observed, hungarian)
+            out["matching"], out["matching_source"] = mapping.tolist(), source
+        if observed is not None:
+            # observed labels clamp state k to label k in training: the identity matching is the right one
+            identity = run.score_states(true, pred, k, mapping=np.arange(k), observed=observed)
+            out["masked_label_accuracy"] = identity["masked_label_accuracy"]
+            out["masked_label_accuracy_hungarian"] = run.score_states(true, pred, k, observed=observed)["masked_label_accuracy"]
     else:
         out["note"] = "the data have no labels: accuracy, ARI and NMI are not defined"
     if hmdm:
-        learned_A = np.exp(np.asarray(state.log_A))
         out["A_learned"] = learned_A.round(4).tolist()
         if data.true_A is not None:
             out["A_true"] = np.asarray(data.true_A).round(4).tolist()
-            use = mapping if mapping is not None else hungarian
-            if use is not None and data.true_A.shape == learned_A.shape:
-                out["A_mae"] = htrain.transition_error(learned_A, data.true_A, use)
     else:
         out["pi"] = np.exp(np.asarray(state.log_pi)).round(4).tolist()
     return out, {"pred": pred, "true": true, "hungarian": hungarian, "mapping": mapping, "n": n}
@@ -378,7 +356,7 @@ def draw_images(args, config, parts, params, classes: np.ndarray, batch: int, ke
     return np.concatenate(out)
 
 
-def _valid_frames(td: htrain.TrainData) -> tuple[np.ndarray, np.ndarray]:
+def _valid_frames(td: run.TrainData) -> tuple[np.ndarray, np.ndarray]:
     if td.mask is None:
         return td.images, td.labels
     return td.images[td.mask], td.labels[td.mask]
@@ -437,7 +415,7 @@ def fid_section(args, config, parts, state, data: RunData, acc_internals: dict) 
     rec.update(record_extra)
     rec.update(real_images=len(real), real_split="training split (valid frames)" if length else "the data set",
                classes_from="generated Markov state sequences (pi, A)" if length else "classes drawn from pi",
-               sampling_seconds=sample_seconds, sample_class_usage=metrics.class_usage(classes, config.em.num_classes).tolist())
+               sampling_seconds=sample_seconds, sample_class_usage=matching.class_usage(classes, config.num_classes).tolist())
     mapping = acc_internals.get("mapping")
     if classifier is not None and mapping is not None:
         # Does a sample of state s look like the label matched to s? (the classifier judges)
@@ -498,7 +476,7 @@ def figures_section(args, workdir: Path, config, parts, state, data: RunData, ac
                                                     title="reconstructions from z_t under the decoded states"))
     if "accuracy" in acc:
         true, pred = internals["true"].reshape(-1), internals["pred"].reshape(-1)
-        conf = metrics.confusion_matrix(true, pred, data.num_data_classes, k)
+        conf = matching.confusion_matrix(true, pred, data.num_data_classes, k)
         hungarian = internals["hungarian"]
         # Columns reordered so that the state matched to label c is column c (unmatched states last).
         order = np.argsort(np.where(hungarian >= 0, hungarian, k + np.arange(k)), kind="stable")
@@ -542,7 +520,7 @@ def _load(workdir: Path, step):
     if not workdir.is_dir():
         common.fail(f"no such run directory: {workdir}")
     try:
-        config, parts, state, metadata = htrain.load_run(workdir, step)
+        config, parts, state, metadata = run.load_run(workdir, step)
         return config, parts, uncommitted(state), metadata
     except checkpoint.CheckpointNotFoundError as e:
         common.fail(f"no checkpoint to evaluate in {workdir}: {e}")

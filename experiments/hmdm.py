@@ -22,8 +22,8 @@ import numpy as np
 
 import common
 from hmdm_jax import data as hdata
-from hmdm_jax import metrics, sampling
-from hmdm_jax import train as htrain
+from hmdm_jax import matching, metrics, sampling
+from hmdm_jax import run
 
 
 def parse_args(argv=None):
@@ -38,33 +38,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_sequences(args):
-    """(train SequenceDataset, held-out SequenceDataset, true A or None)."""
-    if args.data.startswith("npz:"):
-        seqs = hdata.load_sequences_npz(args.data[4:], num_classes=args.num_classes)
-        n_held = max(1, int(round(args.heldout_fraction * len(seqs.images))))
-        perm = np.random.default_rng(args.seed).permutation(len(seqs.images))
+def make_sequences(*, source: str, seed: int, num_classes: int | None = None, num_sequences: int = 200,
+                   heldout_sequences: int = 100, length: int = 30, transition: str = "cyclic", stay: float = 0.8,
+                   heldout_fraction: float = 0.3):
+    """(train SequenceDataset, held-out SequenceDataset, true A or None); the keywords are the flags, and
+    the run's ``config.data`` record holds them, so ``evaluate.py`` rebuilds the same data."""
+    if source.startswith("npz:"):
+        seqs = hdata.load_sequences_npz(source[4:], num_classes=num_classes)
+        n_held = max(1, int(round(heldout_fraction * len(seqs.images))))
+        perm = np.random.default_rng(seed).permutation(len(seqs.images))
         take = lambda idx: hdata.take(seqs, idx)
         return take(perm[n_held:]), take(perm[:n_held]), None
-    images = hdata.load_source(args.data)
+    images = hdata.load_source(source)
     k = images.num_classes
     if k < 2:
-        common.fail(f"{args.data} has no labels: Markov sequences need labelled images (or use npz: sequences)")
-    pools = hdata.split_images(images, args.heldout_fraction, args.seed)
-    A = hdata.transition_matrix(args.transition, k, stay=args.stay, rng=args.seed)
-    train = hdata.markov_sequences([args.seed, 1], pools.train, None, A, args.num_sequences, args.length)
-    held = hdata.markov_sequences([args.seed, 2], pools.heldout, None, A, args.heldout_sequences, args.length)
+        raise ValueError(f"{source} has no labels: Markov sequences need labelled images (or use npz: sequences)")
+    pools = hdata.split_images(images, heldout_fraction, seed)
+    A = hdata.transition_matrix(transition, k, stay=stay, rng=seed)
+    train = hdata.markov_sequences([seed, 1], pools.train, None, A, num_sequences, length)
+    held = hdata.markov_sequences([seed, 2], pools.heldout, None, A, heldout_sequences, length)
     return train, held, A
 
 
-def to_train_data(seqs, observed) -> htrain.TrainData:
-    return htrain.TrainData(seqs.images, seqs.labels, observed, seqs.mask)
+SEQUENCE_FLAGS = ("num_sequences", "heldout_sequences", "length", "transition", "stay", "heldout_fraction")
+
+
+def sequences_from_args(args):
+    """:func:`make_sequences` with this script's flags (also used by ablations.py)."""
+    return make_sequences(source=args.data, seed=args.seed, num_classes=args.num_classes,
+                          **{name: getattr(args, name) for name in SEQUENCE_FLAGS})
+
+
+def to_train_data(seqs, observed) -> run.TrainData:
+    return run.TrainData(seqs.images, seqs.labels, observed, seqs.mask)
 
 
 def main(argv=None):
     args = parse_args(argv)
     workdir = Path(args.workdir)
-    train_seqs, held_seqs, true_A = make_sequences(args)
+    train_seqs, held_seqs, true_A = sequences_from_args(args)
     k = args.num_classes or train_seqs.num_classes
     if k < 1:
         common.fail("cannot infer K from unlabelled data: pass --num-classes")
@@ -78,19 +90,19 @@ def main(argv=None):
     common.print_config(config)
     train_data, held_data = to_train_data(train_seqs, observed), to_train_data(held_seqs, np.zeros_like(observed[:0]))
     with common.Timer() as timer:
-        result = htrain.train(config, train_data, workdir, heldout=held_data, resume=args.resume, true_A=true_A,
+        result = run.train(config, train_data, workdir, heldout=held_data, resume=args.resume, true_A=true_A,
                               progress=not args.no_progress)
     config = result.config  # as trained (the scoring band may have been chosen)
     if result.stopped_early:
         return common.stopped(workdir, result)
     with common.Timer() as eval_timer:
-        ev = htrain.evaluate(config, result.parts, result.state, train_data, held_data,
-                             num_t=config.loop.final_num_t, true_A=true_A,
-                             estimator=config.loop.final_estimator)
+        estimator, num_t = run.evaluation.final_decoding(config)
+        ev = run.evaluate(config, result.parts, result.state, train_data, held_data, num_t=num_t,
+                          estimator=estimator, true_A=true_A)
     learned_A = np.exp(np.asarray(result.state.log_A))
     results = {
         "model": "hmdm", "data": args.data, "seed": args.seed, "steps": int(result.state.step),
-        "train_seconds": timer.seconds, "eval_seconds": eval_timer.seconds, "final_num_t": config.loop.final_num_t,
+        "train_seconds": timer.seconds, "eval_seconds": eval_timer.seconds, "final_num_t": num_t,
         **{key: v for key, v in ev.items() if key != "heldout_states"},
         "A_learned": learned_A.round(4), "A_true": true_A,
     }
@@ -138,7 +150,7 @@ def figures(workdir: Path, config, result, ev, held_seqs, true_A) -> None:
                                      mapping=None if mapping is None else np.asarray(mapping))
     if "heldout_states" in ev:
         true, pred = held_seqs.labels.reshape(-1), ev["heldout_states"].reshape(-1)
-        metrics.plot_confusion(metrics.confusion_matrix(true, pred, k, k), fig_dir / "confusion.png")
+        metrics.plot_confusion(matching.confusion_matrix(true, pred, k, k), fig_dir / "confusion.png")
     records = [r for r in common.read_metrics(workdir) if "loss" in r]
     if records:
         metrics.plot_training_curves(records, ["loss"], fig_dir / "training_curves.png")

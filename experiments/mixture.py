@@ -25,8 +25,8 @@ import numpy as np
 
 import common
 from hmdm_jax import data as hdata
-from hmdm_jax import metrics, sampling
-from hmdm_jax import train as htrain
+from hmdm_jax import matching, metrics, sampling
+from hmdm_jax import run
 
 
 def main(argv=None):
@@ -48,38 +48,31 @@ def main(argv=None):
                                  num_images=len(images.images), observed_labels=args.observed_labels,
                                  heldout_fraction=args.heldout_fraction)
     common.print_config(config)
-    data = htrain.TrainData(images.images, images.labels, observed)
+    data = run.TrainData(images.images, images.labels, observed)
     with common.Timer() as timer:
-        result = htrain.train(config, data, workdir, resume=args.resume, progress=not args.no_progress)
+        result = run.train(config, data, workdir, resume=args.resume, progress=not args.no_progress)
     config = result.config  # as trained (the scoring band may have been chosen)
     if result.stopped_early:
         return common.stopped(workdir, result)
-    pred = htrain.predict_states(config, result.parts, result.state, images.images, None,
-                                 num_t=config.loop.final_num_t, batch_size=256,
-                                 estimator=config.loop.final_estimator)["states"]
-    labelled = images.labels >= 0
+    estimator, num_t = run.evaluation.final_decoding(config)
+    decode = lambda x: run.predict_states(config, result.parts, result.state, x, num_t=num_t, estimator=estimator,
+                                          batch_size=256)["states"]
+    pred = decode(images.images)
     results = {"model": "mixture", "data": args.data, "seed": args.seed, "steps": int(result.state.step),
-               "train_seconds": timer.seconds, "final_num_t": config.loop.final_num_t,
-               "final_estimator": htrain.final_estimator(config),
-               "class_usage": metrics.class_usage(pred, k), "pi": np.exp(np.asarray(result.state.log_pi))}
-    if labelled.any():
-        acc, mapping = metrics.matched_accuracy(images.labels, pred, k, k)
-        results.update(accuracy=acc, matching=mapping, **metrics.clustering_scores(images.labels[labelled], pred[labelled]))
-        if observed.any() and (labelled & ~observed).any():  # none are masked when every label is observed
-            results["masked_label_accuracy"] = metrics.masked_label_accuracy(images.labels, pred, observed, mapping)
+               "train_seconds": timer.seconds, "final_num_t": num_t, "final_estimator": estimator,
+               "pi": np.exp(np.asarray(result.state.log_pi))}
+    results.update(run.score_states(images.labels, pred, k, observed=observed if observed.any() else None))
+    if (images.labels >= 0).any():
         flat = images.images.reshape(len(images.images), -1)
         results["baselines"] = {
             name: {key: v for key, v in fn(flat, images.labels, flat, images.labels, k, seed=args.seed).items()
                    if key in ("accuracy", "ari", "nmi", "wall_time_s")}
             for name, fn in (("kmeans", metrics.kmeans_baseline), ("gmm", metrics.gmm_baseline))}
     if heldout is not None and (heldout.labels >= 0).any():
-        held_pred = htrain.predict_states(config, result.parts, result.state, heldout.images, None,
-                                          num_t=config.loop.final_num_t, batch_size=256,
-                                          estimator=config.loop.final_estimator)["states"]
-        results["heldout_accuracy"] = metrics.matched_accuracy(heldout.labels, held_pred, k, k)[0]
-        if "matching" in results:  # the state -> label matching learned on the training images
-            results["heldout_accuracy_train_matching"] = metrics.accuracy_with_mapping(
-                heldout.labels, held_pred, results["matching"])
+        held = run.score_states(heldout.labels, decode(heldout.images), k, mapping=results.get("matching"))
+        results["heldout_accuracy"] = held["accuracy"]
+        if "accuracy_train_matching" in held:  # the state -> label matching learned on the training images
+            results["heldout_accuracy_train_matching"] = held["accuracy_train_matching"]
     common.write_results(workdir, results)
     if "heldout_accuracy" in results:
         print(f"held-out accuracy: {results['heldout_accuracy']:.4f} (Hungarian)")
@@ -99,7 +92,7 @@ def main(argv=None):
                                             result.state.ema_params, result.parts.schedule, classes, event)
         metrics.plot_samples_per_class(np.asarray(samples).reshape((k, per_class) + event), fig_dir / "samples_per_class.png")
         if labelled.any():
-            metrics.plot_confusion(metrics.confusion_matrix(images.labels, pred, k, k), fig_dir / "confusion.png")
+            metrics.plot_confusion(matching.confusion_matrix(images.labels, pred, k, k), fig_dir / "confusion.png")
         print(f"figures in {fig_dir}")
     return results
 

@@ -5,6 +5,7 @@ y = μ_k: ε_θ(z_t, t, k) = (z_t − √ᾱ_t μ_k)/√(1 − ᾱ_t) (+ an opti
 so for the true class the reverse mean is exactly the posterior mean, and for a wrong class
 ε_θ − ε = √(ᾱ_t/(1 − ᾱ_t)) (μ_c − μ_k), independent of the noise. Every ELBO term is then a closed form.
 """
+import dataclasses
 import functools
 import math
 
@@ -15,6 +16,7 @@ import pytest
 from scipy import stats
 
 from hmdm_jax import diffusion as dfn
+from hmdm_jax import em as hem
 from hmdm_jax import emission as em
 
 K = 3
@@ -444,6 +446,158 @@ def test_bad_arguments_raise_clear_value_errors(kwargs, match):
     params = make_params(SCHED_SMALL, class_means((12,)))
     with pytest.raises(ValueError, match=match):
         em.log_emission(oracle_eps, params, SCHED_SMALL, y, jax.random.PRNGKey(0), num_classes, **args)
+
+
+# ------------------------------------------------------------------------------------ estimators as values
+
+def test_registry_is_ordered_by_name_and_get_estimator_looks_names_up():
+    assert tuple(em.ESTIMATORS) == ("random_t", "last_decoder", "multi_t", "elbo", "elbo_term", "eps_mse")
+    for name, est in em.ESTIMATORS.items():
+        assert isinstance(est, em.Estimator) and est.name == name
+        assert em.get_estimator(name) is est and em.get_estimator(est) is est
+        hash(est)  # a static argument of jitted functions
+    assert "eps_mse" in em.ESTIMATORS and "paper" not in em.ESTIMATORS
+    assert str(em.ESTIMATORS) == str(tuple(em.ESTIMATORS))  # what error messages that print it show
+    with pytest.raises(ValueError, match=r"unknown estimator 'paper'; expected one of \('random_t'.*'eps_mse'\)"):
+        em.get_estimator("paper")
+    with pytest.raises(TypeError):
+        em.ESTIMATORS["mine"] = em.ESTIMATORS["eps_mse"]  # read-only
+
+
+@pytest.mark.parametrize("name,num_t,expected", [
+    ("random_t", None, ("random_t", 1)), ("random_t", 1, ("random_t", 1)), ("random_t", 5, ("multi_t", 5)),
+    ("last_decoder", None, ("last_decoder", 1)), ("last_decoder", 5, ("last_decoder", 1)),
+    ("multi_t", 5, ("multi_t", 5)), ("elbo", 50, ("elbo", 50)), ("elbo", None, ("elbo", None)),
+    ("elbo_term", 3, ("elbo_term", 3)), ("eps_mse", None, ("eps_mse", None))])
+def test_resolve_num_draws_single_draw_rule(name, num_t, expected):
+    est, draws = em.resolve_num_draws(name, num_t)
+    assert (est.name, draws) == expected
+    assert em.resolve_num_draws(em.ESTIMATORS[name], num_t) == (est, draws)
+
+
+def test_band_steps_rounds_fractions_into_one_to_t():
+    assert em.band_steps((0.3, 0.6), 1000) == (300, 600) == em.default_t_range("eps_mse", 1000)
+    assert em.band_steps(em.FULL_BAND, 20) == (1, 20) and em.band_steps(em.FIRST_STEP_BAND, 20) == (1, 1)
+    assert em.band_steps((0.001, 0.002), 100) == (1, 1) and em.band_steps((0.9, 1.0), 7) == (6, 7)
+    for num_steps in (20, 200, 1000):  # the rounding em.resolved_t_range used before, for every candidate band
+        for lo, hi in hem.CANDIDATE_BANDS:
+            old_lo = max(1, int(round(lo * num_steps)))
+            assert em.band_steps((lo, hi), num_steps) == (old_lo, max(old_lo, int(round(hi * num_steps))))
+
+
+def test_estimator_value_is_accepted_and_a_new_estimator_is_one_definition():
+    mus = class_means((12,), seed=1)
+    params = make_params(SCHED_SMALL, mus, error=0.2)
+    y, key = jnp.asarray(mus[[0, 1, 2, 1]]), jax.random.PRNGKey(2)
+    by_name = em.log_emission(oracle_eps, params, SCHED_SMALL, y, key, K, estimator="elbo_term", num_t=2)
+    by_value = em.log_emission(oracle_eps, params, SCHED_SMALL, y, key, K, estimator=em.ESTIMATORS["elbo_term"],
+                               num_t=2)
+    np.testing.assert_array_equal(by_value, by_name)
+    # an estimator outside the registry: eps_mse with its own default band, (1, 2) for T = 20
+    low = dataclasses.replace(em.ESTIMATORS["eps_mse"], name="eps_mse_low", default_band=(0.0, 0.1))
+    assert low.default_t_range(SMALL_T) == (1, 2)
+    jitted = em.make_log_emission(oracle_eps, K, estimator=low, num_t=3)
+    np.testing.assert_array_equal(
+        jitted(params, SCHED_SMALL, y, key),
+        jax.jit(lambda p: em.log_emission(oracle_eps, p, SCHED_SMALL, y, key, K, num_t=3, t_range=(1, 2)))(params))
+
+
+def test_estimator_flags_match_what_log_emission_does():
+    """uses_decoder / uses_variance say whether those arguments change the scores (the decoder on draws at
+    t = 1, the variance on draws at t ≥ 2: at t = 1 both are β_1); takes_band and single_draw are enforced."""
+    mus = class_means((6,), seed=3)
+    params = make_params(SCHED_SMALL, mus, error=0.2)
+    y, key = jnp.asarray(mus[[0, 1, 2]]), jax.random.PRNGKey(5)
+    configs = []
+    for name, est in em.ESTIMATORS.items():
+        for label, band, option in (("dec", (1, 1), ("decoder", "discretized")),
+                                    ("var", (2, 3), ("variance", "beta_tilde"))):
+            base = (("estimator", name),) + ((("t_range", band),) if est.takes_band else ())
+            configs += [(f"{name}/{label}/base", base), (f"{name}/{label}/changed", base + (option,))]
+    scores = all_scores(params, SCHED_SMALL, y, key, K, tuple(configs))
+    for name, est in em.ESTIMATORS.items():
+        for label, flag in (("dec", est.uses_decoder), ("var", est.uses_variance)):
+            base, changed = np.asarray(scores[f"{name}/{label}/base"]), np.asarray(scores[f"{name}/{label}/changed"])
+            assert np.all(np.isfinite(base)) and np.all(np.isfinite(changed))
+            assert (not np.array_equal(base, changed)) == flag, (name, label)
+        if not est.takes_band:
+            with pytest.raises(ValueError, match="does not apply"):
+                em.log_emission(oracle_eps, params, SCHED_SMALL, y, key, K, estimator=name, t_range=(1, 1))
+        if est.single_draw:
+            with pytest.raises(ValueError, match="one t-draw"):
+                em.log_emission(oracle_eps, params, SCHED_SMALL, y, key, K, estimator=name, num_t=2)
+
+
+# ------------------------------------------------------------------------------------ EMConfig's band and estimator
+
+def t_spy_eps(seen):
+    """A network whose ε depends on t and k, recording every t it is called with into ``seen``."""
+
+    def eps_fn(params, z, t, k):
+        jax.debug.callback(lambda tt: seen.append(np.asarray(tt)), t)
+        return params * jnp.sin(z + k[:, None]) * (t[:, None] / 1000.0)
+
+    return eps_fn
+
+
+@pytest.mark.parametrize("estimator,num_t", [("elbo_term", 8), ("multi_t", 8), ("random_t", 1), ("eps_mse", 8)])
+def test_em_config_band_reaches_every_estimator_that_takes_one(estimator, num_t):
+    """EMConfig.t_range = (0.3, 0.6) is the band of every estimator that takes one (it was dropped for all but
+    eps_mse): t is drawn only in 300..600 of T = 1000, and the class scores are log_emission's with the
+    integer band."""
+    seen = []
+    eps_fn = t_spy_eps(seen)
+    config = hem.EMConfig(num_classes=2, estimator=estimator, num_t=num_t, t_range=(0.3, 0.6), temperature=0.5)
+    y = jnp.asarray(np.random.default_rng(0).normal(size=(60, 2)), jnp.float32)
+    keys = hem.frame_keys(jax.random.PRNGKey(0), 60)
+    scores = hem.class_scores(config, eps_fn, jnp.float32(0.5), SCHED_BIG, y, keys, jnp.int32(0))
+    t = np.concatenate([s.ravel() for s in seen])
+    assert t.min() >= 300 and t.max() <= 600 and t.max() - t.min() > 200, (t.min(), t.max())
+    assert hem.resolved_t_range(config, 1000) == (300, 600)
+    direct = em.log_emission(eps_fn, jnp.float32(0.5), SCHED_BIG, y, keys, 2, estimator=estimator, num_t=num_t,
+                             t_range=(300, 600))
+    np.testing.assert_array_equal(scores, direct / jnp.float32(0.5))
+
+
+@pytest.mark.parametrize("estimator", ["elbo", "last_decoder"])
+def test_em_band_for_fixed_t_estimator_raises_and_evaluation_drops_it(estimator):
+    num_t = 4 if estimator == "elbo" else 1
+    config = hem.EMConfig(num_classes=2, estimator=estimator, num_t=num_t)  # the default band (0.3, 0.6)
+    with pytest.raises(ValueError, match="does not apply to estimator"):
+        hem.resolved_t_range(config, 1000)
+    y, keys = jnp.zeros((3, 2)), hem.frame_keys(jax.random.PRNGKey(0), 3)
+    zero_eps = lambda params, z, t, k: jnp.zeros_like(z)
+    with pytest.raises(ValueError, match="does not apply to estimator"):
+        hem.class_scores(config, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
+    evaluated = hem.evaluation_config(hem.EMConfig(num_classes=2), estimator=estimator, num_t=num_t)
+    assert (evaluated.estimator, evaluated.num_t, evaluated.t_range) == (estimator, num_t, None)
+    assert hem.resolved_t_range(evaluated, 1000) is None
+    scores = hem.class_scores(evaluated, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
+    assert scores.shape == (3, 2) and np.all(np.isfinite(scores))
+
+
+@pytest.mark.parametrize("config,estimator,num_t,expected", [
+    (hem.EMConfig.paper(2), None, 4, ("multi_t", 4, None)),
+    (hem.EMConfig.paper(2), None, None, ("random_t", 1, None)),
+    (hem.EMConfig(2, t_range=None), "last_decoder", 8, ("last_decoder", 1, None)),
+    (hem.EMConfig(2), "last_decoder", None, ("last_decoder", 1, None)),
+    (hem.EMConfig(2), "elbo", 50, ("elbo", 50, None)),
+    (hem.EMConfig(2), "multi_t", 4, ("multi_t", 4, (0.3, 0.6))),
+    (hem.EMConfig(2, estimator="elbo_term", t_range=(0.1, 0.2)), "random_t", 3, ("multi_t", 3, (0.1, 0.2))),
+    (hem.EMConfig(2), None, None, ("eps_mse", 2, (0.3, 0.6))),
+])
+def test_evaluation_config_resolves_draws_and_band(config, estimator, num_t, expected):
+    evaluated = hem.evaluation_config(config, estimator, num_t)
+    assert (evaluated.estimator, evaluated.num_t, evaluated.t_range) == expected
+    assert evaluated == dataclasses.replace(config, estimator=expected[0], num_t=expected[1], t_range=expected[2])
+
+
+def test_em_config_rejects_unknown_estimator_and_bad_num_t():
+    with pytest.raises(ValueError, match=r"unknown estimator 'elbow'.*'eps_mse'"):
+        hem.EMConfig(num_classes=2, estimator="elbow")
+    with pytest.raises(ValueError, match="num_t"):
+        hem.EMConfig(num_classes=2, num_t=0)
+    hem.EMConfig(num_classes=2, estimator="elbo")  # a band is checked where it is used (overrides go one by one)
 
 
 # ------------------------------------------------------------------------------------ labels and posteriors

@@ -105,7 +105,7 @@ def test_evaluate_hmdm(hmdm_run):
 def test_decode_hmdm_ragged(hmdm_run, tmp_path):
     workdir, _ = hmdm_run
     args = hmdm_experiment.parse_args(["--workdir", str(workdir), *SEQUENCES])
-    _, held, _ = hmdm_experiment.make_sequences(args)
+    _, held, _ = hmdm_experiment.sequences_from_args(args)
     lengths = np.array([6, 4, 6, 2])
     mask = np.arange(6)[None, :] < lengths[:, None]
     ds = hdata.SequenceDataset(np.where(mask[..., None, None, None], held.images, 0.0), mask,

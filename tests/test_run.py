@@ -170,9 +170,9 @@ def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path):
     agreement = list(choice["band_agreement"].values())
     assert choice["step"] == 4 and tuple(choice["t_range"]) == em.CANDIDATE_BANDS[int(np.argmax(agreement))]
     assert whole.config.em.t_range == tuple(choice["t_range"])
-    config_saved, _, _, metadata = rp.load_run(tmp_path / "whole")
-    assert config_saved == config and tuple(metadata["decisions"]["t_range"]) == whole.config.em.t_range
-    assert hooks.trained_config(config_saved, metadata["decisions"]) == whole.config
+    trained, _, _, metadata = rp.load_run(tmp_path / "whole")
+    assert trained == whole.config == config.with_decisions(metadata["decisions"]) != config
+    assert tuple(metadata["decisions"]["t_range"]) == whole.config.em.t_range
 
     run.train(config, data, tmp_path / "split", progress=False, stop_after=6)
     resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)

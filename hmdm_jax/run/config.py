@@ -211,6 +211,14 @@ class RunConfig:
     def replace(self, **sections) -> "RunConfig":
         return dataclasses.replace(self, **sections)
 
+    def with_decisions(self, decisions: dict) -> "RunConfig":
+        """This config with the loop hooks' decisions applied (``{"t_range": [lo, hi]}``, the band chosen
+        by ``band.choose``): the config a run trains and decodes with."""
+        if decisions.get("t_range") is None:
+            return self
+        band = tuple(float(b) for b in decisions["t_range"])
+        return dataclasses.replace(self, em=dataclasses.replace(self.em, t_range=band))
+
 
 def _from_dict(cls, d):
     hints = typing.get_type_hints(cls)

@@ -96,7 +96,8 @@ def score_states(true, pred, num_states: int, *, mapping=None, observed=None, le
       true, pred: int arrays of one shape (frames ``[N]`` or sequences ``[N, n]``).
       num_states: K.
       mapping: a state → label matching learned elsewhere (on training data): adds ``accuracy_train_matching``.
-      observed: bool mask of the labels clamped in training: adds ``masked_label_accuracy`` (on the others).
+      observed: bool mask of the labels clamped in training: adds ``masked_label_accuracy`` (on the others,
+        with ``mapping``, else the Hungarian matching).
       learned_A, true_A: ``[K, K]``: adds ``A_mae`` after matching (the given ``mapping``, else Hungarian).
 
     Returns:
@@ -112,8 +113,8 @@ def score_states(true, pred, num_states: int, *, mapping=None, observed=None, le
     if mapping is not None:
         out["accuracy_train_matching"] = matching.accuracy_with_mapping(true, pred, mapping)
     if observed is not None and np.any(~np.asarray(observed) & (true >= 0)):
-        out["masked_label_accuracy"] = matching.masked_label_accuracy(true, pred, np.asarray(observed, bool),
-                                                                      None if mapping is None else np.asarray(mapping))
+        use = hungarian if mapping is None else np.asarray(mapping)
+        out["masked_label_accuracy"] = matching.masked_label_accuracy(true, pred, np.asarray(observed, bool), use)
     if learned_A is not None and true_A is not None:
         use = hungarian if mapping is None else mapping
         out["A_mae"] = matching.transition_error(learned_A, true_A, use)

@@ -21,7 +21,7 @@ from hmdm_jax.run.parts import RunParts, Streams
 from hmdm_jax.state import TrainState
 
 __all__ = ["Hook", "LoopState", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
-           "reseed_dead_states", "revived_labels", "trained_config"]
+           "reseed_dead_states", "revived_labels"]
 
 
 BAND_STREAM = 0x5E1EC7  # with seed and step, seeds the host-side draw of the frames scored for the band
@@ -68,14 +68,6 @@ def crossed(prev_step: int, step: int, every: int) -> bool:
     return every > 0 and step // every > prev_step // every
 
 
-def trained_config(config: RunConfig, decisions: dict) -> RunConfig:
-    """``config`` with the hooks' decisions applied: the config the run trains (and decodes) with."""
-    if decisions.get("t_range") is None:
-        return config
-    band = tuple(float(b) for b in decisions["t_range"])
-    return dataclasses.replace(config, em=dataclasses.replace(config.em, t_range=band))
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -83,7 +75,7 @@ def periodic_evaluation(ctx: RunContext, loop: LoopState, prev_step: int) -> Loo
     """Every ``evaluation.every`` steps: decode the training items and the held-out set, log the scores."""
     if not crossed(prev_step, loop.step, ctx.config.evaluation.every):
         return loop
-    config = trained_config(ctx.config, loop.decisions)
+    config = ctx.config.with_decisions(loop.decisions)
     ev = evaluate(config, ctx.parts, loop.train_state, ctx.data, ctx.heldout, num_t=config.evaluation.num_t,
                   true_A=ctx.true_A, key=jax.random.fold_in(ctx.streams.eval, loop.step))
     items = [f"step {loop.step}"] + [f"{k}={ev[k]:.4f}" for k in
@@ -164,7 +156,7 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
     if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
             and loop.step + r.steps < config.loop.train_steps):
         return loop
-    trained = trained_config(config, loop.decisions)
+    trained = config.with_decisions(loop.decisions)
     states = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
                             key=jax.random.fold_in(ctx.streams.heuristics, loop.step))["states"]
     revived = revived_labels(ctx.data, states, config.num_classes, r.min_usage, config.seed)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from hmdm_jax import checkpoint, parallel
 from hmdm_jax.run.batches import Clamp, TrainData, check_data, make_batch, phase_labels
 from hmdm_jax.run.config import RunConfig
-from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks, trained_config
+from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks
 from hmdm_jax.run.parts import RunParts, build_parts, init_state, make_step, streams
 from hmdm_jax.state import TrainState
 
@@ -168,7 +168,7 @@ def train(
     step_fns: dict = {}
 
     def step_fn(n: int):
-        em_config = trained_config(config, loop.decisions)
+        em_config = config.with_decisions(loop.decisions)
         key = (em_config.em, n)
         if key not in step_fns:
             step_fns[key] = make_step(em_config, parts, mesh, fused=n)
@@ -221,5 +221,5 @@ def train(
         metrics_file.close()
         ckpt.wait()
         ckpt.close()
-    return TrainResult(loop.train_state, trained_config(config, loop.decisions), parts, loop.evaluation,
+    return TrainResult(loop.train_state, config.with_decisions(loop.decisions), parts, loop.evaluation,
                        loop.decisions, stopped_early)

@@ -87,7 +87,8 @@ def make_step(config: RunConfig, parts: RunParts, mesh=None, *, fused: int = 1
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> tuple[RunConfig, RunParts, TrainState, dict]:
-    """The config (as trained), parts, restored state and checkpoint metadata of the run in ``workdir``.
+    """The config as trained (``RunConfig.with_decisions`` of the saved metadata), parts, restored state
+    and checkpoint metadata of the run in ``workdir``.
 
     Raises ``checkpoint.CheckpointNotFoundError`` naming the directory when there is no checkpoint.
     """
@@ -95,5 +96,5 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[RunConfig, R
     config = RunConfig.from_dict(checkpoint.read_config(directory, step))
     parts = build_parts(config)
     with checkpoint.Checkpointer.open(directory, read_only=True) as ckpt:
-        state, metadata = ckpt.restore(init_state(config, parts), step)
-    return config, parts, state, metadata
+        state, metadata = ckpt.restore(init_state(config, parts).replace(config=config), step)
+    return config.with_decisions(metadata.get("decisions", {})), parts, state, metadata
