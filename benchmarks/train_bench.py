@@ -1,7 +1,7 @@
 """Cost of one HMDM train step against a plain conditional DDPM step plus K no-grad forward passes (CPU).
 
 The HMDM step (``hmdm_jax.hmdm.make_train_step``) does, per batch of B sequences of n frames: K·num_t
-no-grad ε-network passes over the B·n frames to score every class (``em.score_classes``), forward
+no-grad ε-network passes over the B·n frames to score every class (``em.e_step_scores``), forward
 filtering / backward sampling per sequence (``hmm.ffbs``), one ε-loss gradient step on the B·n
 frames with the sampled states, and the M-step. Its floor is therefore a plain conditional DDPM
 step on the same frames (``mixture.make_supervised_step``, labels given) plus the scoring passes.
@@ -16,7 +16,7 @@ and frames, each jitted, compilation excluded (a warm-up call), every call ended
 * ``K fwd``: K forward passes ``eps_fn(params, z [B·n, *event], t, k)``, one per class (vmap over k);
 * ``K·num_t fwd``: the same on num_t noisy copies of each frame, the network work of the default
   ``eps_mse`` emission (``config.em.num_t`` t-draws per frame, 1 in the HMDM presets);
-* ``score_classes``: the step's emission pass alone (network + draws + reduction);
+* ``e_step_scores``: the step's emission pass alone (network + draws + reduction);
 * ``ffbs``: the step's HMM pass alone (vmap over B of ``hmm.ffbs`` on [n, K] emissions).
 
 Target (from the issue): hmdm step <= 1.25 x (plain step + K fwd). Not a test:
@@ -90,7 +90,7 @@ def make_calls(config: run.RunConfig, batch: int, length: int, seed: int = 0) ->
     t_rep = jnp.repeat(t, num_t)
 
     score = jax.jit(
-        lambda params, y, keys, step: em.score_classes(config.em, parts.eps_fn, params, parts.schedule, y, keys, step)
+        lambda params, y, keys, step: em.e_step_scores(config.em, parts.eps_fn, params, parts.schedule, y, keys, step)
     )
     score_keys = em.frame_keys(key, frames_total)
     # Emissions of the size the step produces: tempered eps_mse scores are ≈ −D/T-ish with class gaps.
@@ -103,7 +103,7 @@ def make_calls(config: run.RunConfig, batch: int, length: int, seed: int = 0) ->
         "plain step": (plain_step, (state, plain_batch, key)),
         "K fwd": (forward, (state.params, frames, t)),
         "K·num_t fwd": (forward, (state.params, z_rep, t_rep)),
-        "score_classes": (score, (state.params, frames, score_keys, state.step)),
+        "e_step_scores": (score, (state.params, frames, score_keys, state.step)),
         "ffbs": (ffbs, (seq_keys, state.log_pi, state.log_A, log_b, hmdm_batch["mask"])),
     }
 
@@ -133,12 +133,12 @@ def report(network: str, config: run.RunConfig, batch: int, length: int, t: dict
     return [
         f"| {network} | {'x'.join(map(str, config.event_shape))} | {batch}x{length} = {batch * length} | {num_t} "
         f"| {ms(t['hmdm step'])} | {ms(t['plain step'])} | {ms(t['K fwd'])} | {ms(t['K·num_t fwd'])} "
-        f"| {ms(t['score_classes'])} | {ms(t['ffbs'])} | {ratio:.2f} | {ratio_fair:.2f} | {verdict} |",
+        f"| {ms(t['e_step_scores'])} | {ms(t['ffbs'])} | {ratio:.2f} | {ratio_fair:.2f} | {verdict} |",
     ]
 
 
 HEADER = (
-    "| network | event | B x n = frames | num_t | hmdm step | plain step | K fwd | K·num_t fwd | score_classes | ffbs "
+    "| network | event | B x n = frames | num_t | hmdm step | plain step | K fwd | K·num_t fwd | e_step_scores | ffbs "
     "| hmdm / (plain + K fwd) | hmdm / (plain + K·num_t fwd) | target |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
@@ -147,8 +147,8 @@ HEADER = (
 def breakdown(t: dict) -> str:
     """Where the HMDM step's time goes, as shares of it (the rest: gradient bookkeeping, M-step, RNG)."""
     step = t["hmdm step"]
-    rest = step - t["plain step"] - t["score_classes"] - t["ffbs"]
-    parts = [("plain step (ε-loss gradient + Adam + EMA)", t["plain step"]), ("score_classes", t["score_classes"]),
+    rest = step - t["plain step"] - t["e_step_scores"] - t["ffbs"]
+    parts = [("plain step (ε-loss gradient + Adam + EMA)", t["plain step"]), ("e_step_scores", t["e_step_scores"]),
              ("ffbs", t["ffbs"]), ("rest", rest)]
     return ", ".join(f"{name} {1e3 * x:.1f} ms ({100 * x / step:.0f}%)" for name, x in parts)
 

@@ -4,8 +4,8 @@ A checkpoint directory holds one sub-directory per saved step (``<dir>/<step>/``
 Orbax items:
 
 * ``state``: every leaf of the ``TrainState`` pytree (step, params, ema_params, opt_state, log_pi,
-  log_A, class_counts, transition_counts, key). The static ``config`` field is not a leaf; it is
-* ``config``: the run config as JSON (``dataclasses.asdict``-style for a frozen dataclass, or any
+  log_A, class_counts, transition_counts, key);
+* ``config``: the run config given to :meth:`Checkpointer.open`, as JSON (``dataclasses.asdict``-style for a frozen dataclass, or any
   JSON-able mapping), so that a decoder can rebuild the model from the directory alone
   (:func:`read_config`);
 * ``metadata``: a JSON dict given by the caller, e.g. ``{"state_to_label": [2, 0, 1]}`` (the
@@ -87,6 +87,10 @@ TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable, corrupted, or written by an incompatible config."""
+
+
+class _CorruptStep(CheckpointError):
+    """One saved step cannot be read (the others may): ``restore`` of the latest step falls back."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -254,7 +258,8 @@ class Checkpointer:
     """
 
     def __init__(self, manager: ocp.CheckpointManager, directory: Path, save_every: int,
-                 read_only: bool):
+                 read_only: bool, config: Any = None):
+        self._config = config
         self._manager = manager
         self._directory = directory
         self._save_every = save_every
@@ -269,6 +274,7 @@ class Checkpointer:
         save_every: int = 1,
         create: bool = True,
         read_only: bool = False,
+        config: Any = None,
     ) -> "Checkpointer":
         """Opens (and by default creates) a checkpoint directory.
 
@@ -277,6 +283,8 @@ class Checkpointer:
           max_to_keep: keep the newest this many steps, delete older ones (None: keep all).
           save_every: :meth:`save` writes only when ``state.step % save_every == 0`` unless forced.
           create: create ``directory`` if missing; if False a missing directory is an error.
+          config: the run's config (a dataclass or mapping): saved as JSON with every step, and compared
+            with the saved one on restore (differences are named). None: saves ``{}``, no comparison.
           read_only: for readers (decoding, evaluation) while a trainer may still be writing:
             never saves, deletes or creates anything, and leaves the trainer's in-progress
             temporary directories alone. A writer (the default) deletes leftover temporary
@@ -318,7 +326,8 @@ class Checkpointer:
             )
         manager = ocp.CheckpointManager(directory, options=options,
                                         handler_registry=_handler_registry())
-        return cls(manager, directory, save_every, read_only)
+        config_to_json(config)  # a config that cannot be saved fails here, not at the first save
+        return cls(manager, directory, save_every, read_only, config)
 
     # ---------------------------------------------------------------------------- properties
 
@@ -354,14 +363,14 @@ class Checkpointer:
         """Starts an asynchronous save of ``state`` at ``step``, the caller's host-side count of its steps
         (reading ``state.step`` would wait for the device on every call, saving or not).
 
-        Writes all leaves of ``state``, its config as JSON and ``metadata``. Without ``force``,
+        Writes all leaves of ``state``, the checkpointer's config as JSON and ``metadata``. Without ``force``,
         saves only when ``state.step`` is a multiple of ``save_every`` and newer than the latest
         saved step. A step that is already saved is never rewritten (returns False), so a final
         ``save(state, force=True)`` after the loop is always safe. Returns after the
         device-to-host copy; call :meth:`wait` before relying on the files.
 
         Args:
-          state: the training state; its ``config`` must be a dataclass, a mapping or None.
+          state: the training state.
           step: ``state.step`` as the caller counts it.
           metadata: JSON-able dict saved beside the state, e.g. ``{"state_to_label": [2, 0, 1]}``.
           force: save regardless of ``save_every``.
@@ -384,7 +393,7 @@ class Checkpointer:
             return False
         if not force and not self._manager.should_save(step):
             return False
-        config_json = config_to_json(state.config)
+        config_json = config_to_json(self._config)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise CheckpointError(f"metadata must be a dict, got {type(metadata).__name__}")
         metadata_json = _to_json(dict(metadata or {}), "metadata")
@@ -449,6 +458,9 @@ class Checkpointer:
                 ) -> tuple[TrainState, dict]:
         """Restores a checkpoint into the structure of ``template_state``.
 
+        Without ``step``, the latest step that restores cleanly: a corrupted latest step (a torn disk,
+        a damaged file) is logged as a warning naming it, and the newest earlier good step is used.
+
         Shapes, dtypes and leaf paths of the checkpoint are compared with the template before any
         array is read, so a checkpoint of another config fails with a message naming the first
         mismatching leaf (and the config keys that differ) rather than a deep Orbax error.
@@ -456,27 +468,47 @@ class Checkpointer:
         Args:
           template_state: a TrainState built from the current config (e.g. by
             ``create_train_state``); gives the tree structure, shapes, dtypes and shardings.
-            Arrays or ``jax.ShapeDtypeStruct`` leaves. Its static ``config`` is kept as is.
-          step: the step to restore; default the latest committed step.
+            Arrays or ``jax.ShapeDtypeStruct`` leaves.
+          step: the step to restore (a corrupted one is an error); default the latest good step.
 
         Returns:
-          ``(state, metadata)``: the restored TrainState (with ``template_state.config``), and the
-          metadata dict saved with it (``{}`` if none was given).
+          ``(state, metadata)``: the restored TrainState and the metadata dict saved with it (``{}`` if
+          none was given).
 
         Raises:
           CheckpointNotFoundError: no committed checkpoint in the directory, or no such step.
-          CheckpointError: the checkpoint is unreadable or corrupted, or its shapes differ from the
-            template's.
+          CheckpointError: the checkpoint (``step``, or every step) is unreadable or corrupted, or its
+            shapes differ from the template's.
         """
         if not isinstance(template_state, TrainState):
             raise CheckpointError(
                 f"restore expects a TrainState template, got {type(template_state).__name__}")
-        step = self._check_step(step)
+        if step is not None:
+            return self._restore_step(template_state, self._check_step(step))
+        self._check_step(None)
+        corrupt = []
+        for candidate in reversed(self.all_steps()):
+            try:
+                result = self._restore_step(template_state, candidate)
+            except _CorruptStep as e:
+                corrupt.append(candidate)
+                _log.warning("%s; trying the previous step", e)
+                continue
+            if corrupt:
+                _log.warning("restored step %d of %s instead of the corrupted step(s) %s", candidate,
+                             self._directory, corrupt)
+            return result
+        raise CheckpointError(f"every saved step of {self._directory} is corrupted: {corrupt}")
+
+    def _restore_step(self, template_state: TrainState, step: int) -> tuple[TrainState, dict]:
         where = self._directory / str(step)
 
-        saved_config = self._read_json(step, _CONFIG)
-        current_config = config_to_json(template_state.config)
-        config_diffs = _config_differences(saved_config, current_config)
+        try:
+            saved_config = self._read_json(step, _CONFIG)
+        except CheckpointError as e:
+            raise _CorruptStep(str(e)) from None
+        config_diffs = ([] if self._config is None
+                        else _config_differences(saved_config, config_to_json(self._config)))
 
         try:
             tree_metadata = self._manager.item_metadata(step)[_STATE]
@@ -484,7 +516,7 @@ class Checkpointer:
                 raise ValueError("no metadata for the 'state' item")
             saved_specs = _leaf_specs(tree_metadata)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(
+            raise _CorruptStep(
                 f"checkpoint {where} is unreadable: the state's metadata cannot be read "
                 f"({_error_summary(e)})") from None
         problems = _tree_mismatches(saved_specs, _leaf_specs(template_state))
@@ -509,14 +541,14 @@ class Checkpointer:
             state, metadata = restored[_STATE], restored[_METADATA]
             restored_step = int(jax.device_get(state.step))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(
+            raise _CorruptStep(
                 f"checkpoint {where} is unreadable or corrupted ({_error_summary(e)}); "
                 f"other saved steps: {[s for s in self.all_steps() if s != step]}") from None
         if restored_step != step:
-            raise CheckpointError(
+            raise _CorruptStep(
                 f"checkpoint {where} is corrupted: it holds step {restored_step}")
         if not isinstance(metadata, dict):
-            raise CheckpointError(f"checkpoint {where} is corrupted: its metadata is not a dict")
+            raise _CorruptStep(f"checkpoint {where} is corrupted: its metadata is not a dict")
         return state, metadata
 
 

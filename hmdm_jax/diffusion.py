@@ -29,6 +29,13 @@ import jax.numpy as jnp
 import jax.scipy.special
 import numpy as np
 
+__all__ = [
+    "alpha_bar", "cosine_schedule", "decoder_log_prob", "discretized_gaussian_log_prob", "Gaussian",
+    "gaussian_kl", "gaussian_log_prob", "get_schedule", "linear_schedule", "one_minus_alpha_bar",
+    "p_mean", "p_reverse", "p_variance", "predict_y_from_eps", "prior_kl", "q_posterior",
+    "q_sample", "q_step", "reverse_step", "Schedule", "schedule_from_betas", "VARIANCES",
+]
+
 Array = jax.Array
 
 VARIANCES = ("beta", "beta_tilde")

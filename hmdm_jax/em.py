@@ -24,7 +24,17 @@ import jax.numpy as jnp
 import optax
 
 from hmdm_jax import diffusion, emission
+from hmdm_jax.parallel import pmean_if, psum_if
 from hmdm_jax.state import TrainState
+
+__all__ = [
+    "accumulate_counts", "BALANCE_ITERATIONS", "BALANCE_SCALES", "balanced_class_posterior",
+    "band_agreement", "CANDIDATE_BANDS", "tempered_log_emissions", "COUNTS_FROM", "denoising_loss",
+    "denoising_step", "dirichlet_log_probs", "EMConfig", "end_epoch", "evaluation_config",
+    "FINAL_STEP", "frame_keys", "gradient_update", "label_loss", "m_step", "observed_label_loss",
+    "posterior_entropy", "PRIOR_UPDATES", "resolved_t_range",
+    "e_step_scores", "select_t_range", "step_keys", "temperature_at",
+]
 
 Array = jax.Array
 EpsFn = Callable[[Any, Array, Array, Array], Array]
@@ -190,7 +200,7 @@ def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None
     return emission.band_steps(config.t_range, num_steps)
 
 
-def class_scores(
+def tempered_log_emissions(
     config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, y: Array, keys: Array,
     step: Array, num_t: int | None = None,
 ) -> Array:
@@ -221,11 +231,11 @@ def class_scores(
     return log_b / temperature_at(config, step)
 
 
-def score_classes(
+def e_step_scores(
     config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusion.Schedule, y: Array, keys: Array, step: Array
 ) -> Array:
-    """:func:`class_scores` of the E-step: ``[B, K]``, no gradient."""
-    return jax.lax.stop_gradient(class_scores(config, eps_fn, params, schedule, y, keys, step))
+    """:func:`tempered_log_emissions` of the E-step: ``[B, K]``, no gradient."""
+    return jax.lax.stop_gradient(tempered_log_emissions(config, eps_fn, params, schedule, y, keys, step))
 
 
 def label_loss(
@@ -257,7 +267,7 @@ def label_loss(
       ``[]`` ``config.label_loss_weight`` times the summed cross-entropy (nats) divided by ``normalizer``.
     """
     num_t = config.num_t if emission.get_estimator(config.estimator).grid else 1  # a grid is not a draw
-    log_b = class_scores(config, eps_fn, params, schedule, y, keys, step, num_t=num_t)
+    log_b = tempered_log_emissions(config, eps_fn, params, schedule, y, keys, step, num_t=num_t)
     log_post = emission.class_log_posterior(log_b, jax.lax.stop_gradient(log_prior))
     observed = labels >= 0
     picked = jnp.take_along_axis(log_post, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
@@ -331,7 +341,7 @@ def band_agreement(
 
     def agreement(band):
         band_config = dataclasses.replace(config, estimator="eps_mse", num_t=1, t_range=band)
-        log_b = score_classes(band_config, eps_fn, params, schedule, y, keys, FINAL_STEP)
+        log_b = e_step_scores(band_config, eps_fn, params, schedule, y, keys, FINAL_STEP)
         return jnp.mean(jnp.argmax(log_b, axis=-1) == assignment)
 
     return jnp.stack([agreement(tuple(band)) for band in bands])  # a few bands: unrolled at trace time
@@ -582,13 +592,3 @@ def posterior_entropy(log_post: Array) -> Array:
     """Mean entropy (nats) of the rows of ``log_post [B, K]`` (normalised log-probabilities; −inf allowed)."""
     p = jnp.exp(log_post)
     return -jnp.mean(jnp.sum(jnp.where(p > 0, p * log_post, 0.0), axis=-1))
-
-
-def psum_if(x: Any, axis_name: str | None) -> Any:
-    """Sum across devices when running under a named mapped axis, identity otherwise."""
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def pmean_if(x: Any, axis_name: str | None) -> Any:
-    """Average across devices when running under a named mapped axis, identity otherwise."""
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)

@@ -99,6 +99,13 @@ import numpy as np
 from hmdm_jax import diffusion
 from hmdm_jax.diffusion import Schedule
 
+__all__ = [
+    "band_steps", "clamp_to_labels", "class_log_posterior", "DECODERS", "DEFAULT_EPS_MSE_BAND",
+    "default_t_range", "elbo_grid", "elbo_terms", "ElboTerms", "EMISSION_STATIC_ARGNAMES",
+    "Estimator", "EstimatorRegistry", "FIRST_STEP_BAND", "FULL_BAND", "get_estimator",
+    "log_emission", "make_log_emission", "observation_keys", "resolve_num_draws",
+]
+
 Array = jax.Array
 EpsFn = Callable[..., Array]
 

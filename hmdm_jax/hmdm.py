@@ -3,7 +3,7 @@
 The classes x_1..x_n of a sequence y_1..y_n follow a Markov chain (π, A) and each frame is a
 class-conditional DDPM. One training step on a batch of sequences ``[B, n, *event]``:
 
-1. emissions log b̃_k for every frame and class in one batched pass (``em.score_classes``; padded frames
+1. emissions log b̃_k for every frame and class in one batched pass (``em.e_step_scores``; padded frames
    are scored too, static shapes, and ignored by the masked HMM);
 2. observed labels clamp the emissions (−inf for the other classes);
 3. forward filtering and backward sampling of the state path, per sequence (vmap over B);
@@ -28,12 +28,16 @@ from hmdm_jax.em import (
     EpsFn,
     evaluation_config,
     frame_keys,
-    pmean_if,
-    psum_if,
-    score_classes,
+    e_step_scores,
 )
+from hmdm_jax.parallel import pmean_if, psum_if
 from hmdm_jax.state import TrainState
 from hmdm_jax.steps import EStepResult, make_em_step
+
+__all__ = [
+    "decode", "DecodeResult", "log_likelihood_bound", "make_train_step", "sample_paths",
+    "sequence_log_emissions",
+]
 
 Array = jax.Array
 Batch = dict  # {"images": [B, n, *event], "mask": [B, n] bool, "labels": [B, n] int32 (−1 = unknown)}
@@ -55,7 +59,7 @@ def sequence_log_emissions(
     batch, length = images.shape[:2]
     frames = images.reshape((batch * length,) + images.shape[2:])
     keys = frame_keys(key, batch * length, axis_name)
-    log_b = score_classes(config, eps_fn, params, schedule, frames, keys, step).reshape(batch, length, -1)
+    log_b = e_step_scores(config, eps_fn, params, schedule, frames, keys, step).reshape(batch, length, -1)
     return log_b if labels is None else emission.clamp_to_labels(log_b, labels)
 
 

@@ -2,7 +2,7 @@
 
 Each image y has a class x ~ Categorical(π) and, given x, a class-conditional DDPM. One step:
 
-1. E-step: score all K classes of each frame (``em.score_classes``, common random numbers across
+1. E-step: score all K classes of each frame (``em.e_step_scores``, common random numbers across
    classes), clamp observed labels, and sample x from p̃(x = k | z, y) ∝ b̃_k π_k (optionally balanced
    over the batch, ``EMConfig.balance_classes``);
 2. a DDPM ε-loss gradient step with the sampled classes (optax) and the EMA update;
@@ -29,12 +29,15 @@ from hmdm_jax.em import (
     evaluation_config,
     frame_keys,
     posterior_entropy,
-    pmean_if,
-    psum_if,
-    score_classes,
+    e_step_scores,
 )
+from hmdm_jax.parallel import pmean_if, psum_if
 from hmdm_jax.state import TrainState
 from hmdm_jax.steps import EStepResult, make_em_step
+
+__all__ = [
+    "class_posterior", "make_supervised_step", "make_train_step", "predict", "sample_classes",
+]
 
 Array = jax.Array
 Batch = dict  # {"images": [B, *event] float32, "labels": [B] int32 (−1 = unknown)}
@@ -64,7 +67,7 @@ def sample_classes(config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffu
     batch_size = y.shape[0]
     labels = batch.get("labels", jnp.full((batch_size,), -1, jnp.int32))
     key_score, key_sample = keys
-    log_b = score_classes(config, eps_fn, params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
+    log_b = e_step_scores(config, eps_fn, params, schedule, y, frame_keys(key_score, batch_size, axis_name), state.step)
     log_post = class_posterior(log_b, state.log_pi, labels)
     if config.balance_classes:
         log_post = balanced_class_posterior(log_post, state.log_pi, axis_name)
@@ -145,6 +148,6 @@ def predict(
       ``(classes [B] int32, log_posterior [B, K])``.
     """
     eval_config = evaluation_config(config, estimator, num_t)
-    log_b = score_classes(eval_config, eps_fn, params, schedule, y, frame_keys(key, y.shape[0]), FINAL_STEP)
+    log_b = e_step_scores(eval_config, eps_fn, params, schedule, y, frame_keys(key, y.shape[0]), FINAL_STEP)
     log_post = class_posterior(log_b, log_pi)
     return jnp.argmax(log_post, axis=-1).astype(jnp.int32), log_post

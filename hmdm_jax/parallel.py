@@ -32,6 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+__all__ = [
+    "check_divisible", "DATA_AXIS", "data_mesh", "global_batch", "initialize_distributed",
+    "make_parallel_step", "pmean_if", "psum_if", "replicate", "shard_batch",
+]
+
 DATA_AXIS = "data"
 
 
@@ -110,3 +115,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (the train state) on every device of the mesh."""
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+
+def psum_if(x: Any, axis_name: str | None) -> Any:
+    """Sum across devices when running under a named mapped axis, identity otherwise."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def pmean_if(x: Any, axis_name: str | None) -> Any:
+    """Average across devices when running under a named mapped axis, identity otherwise."""
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)

@@ -49,6 +49,12 @@ from hmdm_jax.diffusion import (
     reverse_step,
 )
 
+__all__ = [
+    "ancestral_sample", "ClassSamples", "ddim_sample", "ddim_timesteps", "generate_sequences",
+    "guided_eps", "reconstruct", "sample_classes", "sample_from_prior", "sample_markov_states",
+    "SAMPLERS", "SequenceSamples",
+]
+
 Array = jax.Array
 EpsFn = Callable[[object, Array, Array, Array], Array]
 

@@ -8,6 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = [
+    "create_train_state", "TrainState",
+]
+
 Array = jax.Array
 
 
@@ -25,8 +29,9 @@ class TrainState:
       class_counts: ``[K]``, running sufficient statistics for π: sampled class counts (mixture) or
         initial-state counts (HMDM), decayed or accumulated as ``EMConfig.prior_update`` says.
       transition_counts: ``[K, K]``, running transition counts for A (HMDM; zeros for the mixture).
-      key: a raw ``uint32[2]`` PRNG key, the run's base key; step keys are ``fold_in(key, step)``.
-      config: static, the run's frozen config (not a pytree leaf; saved beside checkpoints as JSON).
+      key: a raw ``uint32[2]`` PRNG key, the base of the step keys ``fold_in(key, step)``.
+
+    Only arrays: the run's config is not part of the state (the checkpointer saves it beside).
     """
 
     step: Array
@@ -38,7 +43,6 @@ class TrainState:
     class_counts: Array
     transition_counts: Array
     key: Array
-    config: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def num_classes(self) -> int:
@@ -53,7 +57,6 @@ def create_train_state(
     *,
     log_pi: Array | None = None,
     log_A: Array | None = None,
-    config: Any = None,
 ) -> TrainState:
     """A fresh :class:`TrainState`: uniform π and A unless given, zero counts, EMA = params.
 
@@ -77,5 +80,4 @@ def create_train_state(
         class_counts=jnp.zeros((k,), jnp.float32),
         transition_counts=jnp.zeros((k, k), jnp.float32),
         key=jnp.asarray(key),
-        config=config,
     )

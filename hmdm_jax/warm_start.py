@@ -6,6 +6,10 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.decomposition import PCA
 
+__all__ = [
+    "cluster_labels", "kmeans_labels", "MAX_WARD_FRAMES", "METHODS",
+]
+
 
 METHODS = ("kmeans", "ward")
 MAX_WARD_FRAMES = 30_000  # Ward keeps an N × N distance structure: 30k frames ≈ 7 GB

@@ -52,7 +52,7 @@ def toy_state(config: ToyConfig = ToyConfig(), seed: int = 0, big: int = 0) -> T
     }
     if big:
         params["big"] = jax.random.normal(jax.random.fold_in(pkey, 1), (big,))
-    return create_train_state(jax.random.PRNGKey(seed), params, OPTIMIZER, k, config=config)
+    return create_train_state(jax.random.PRNGKey(seed), params, OPTIMIZER, k)
 
 
 @jax.jit
@@ -69,7 +69,7 @@ def toy_train_step(state: TrainState) -> TrainState:
     grads = jax.tree.map(lambda p, e: 2.0 * (p - 1.0 + 0.1 * e), state.params, noise)
     updates, opt_state = OPTIMIZER.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = state.config.ema_decay
+    decay = ToyConfig().ema_decay
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     k = state.log_pi.shape[0]
     c = jax.random.randint(k_class, (2,), 0, k)
@@ -84,7 +84,7 @@ def toy_train_step(state: TrainState) -> TrainState:
 
 def train(directory: str, num_steps: int, save_every: int, sleep_s: float) -> None:
     state = toy_state()
-    with Checkpointer.open(directory, save_every=save_every) as ckpt, PreemptionGuard() as guard:
+    with Checkpointer.open(directory, save_every=save_every, config=ToyConfig()) as ckpt, PreemptionGuard() as guard:
         if ckpt.latest_step() is not None:
             state, _ = ckpt.restore(state)
         print("START", int(state.step), flush=True)
@@ -104,7 +104,7 @@ def train(directory: str, num_steps: int, save_every: int, sleep_s: float) -> No
 
 def crash(directory: str, size: int) -> None:
     state = toy_state(big=size)
-    ckpt = Checkpointer.open(directory, save_every=1)
+    ckpt = Checkpointer.open(directory, save_every=1, config=ToyConfig())
     ckpt.save(state.replace(step=jnp.ones((), jnp.int32)), step=1)
     ckpt.wait()
     ckpt.save(state.replace(step=jnp.full((), 2, jnp.int32)), step=2)

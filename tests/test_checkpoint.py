@@ -46,11 +46,10 @@ def run_steps(state, n):
 
 
 def assert_states_identical(a, b):
-    """Same tree structure, same static config, and every leaf bit-for-bit equal (same dtype)."""
+    """Same tree structure and every leaf bit-for-bit equal (same dtype)."""
     leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
     leaves_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    assert a.config == b.config
     for (path, x), (_, y) in zip(leaves_a, leaves_b):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype, jax.tree_util.keystr(path)
@@ -63,7 +62,7 @@ def saved_run(tmp_path_factory):
     """A directory with steps 2 and 4 of the toy run (save_every=2), and the state at step 4."""
     directory = tmp_path_factory.mktemp("saved_run") / "ckpt"
     state = toy_state()
-    with Checkpointer.open(directory, save_every=2) as ckpt:
+    with Checkpointer.open(directory, save_every=2, config=ToyConfig()) as ckpt:
         for _ in range(4):
             state = toy_train_step(state)
             ckpt.save(state, step=int(state.step), metadata={"state_to_label": MATCHING})
@@ -82,7 +81,7 @@ def copy_of(saved_run, tmp_path):
 def test_round_trip_save_every_and_metadata(tmp_path):
     state = toy_state()
     saved = {}
-    with Checkpointer.open(tmp_path / "run", save_every=3, max_to_keep=2) as ckpt:
+    with Checkpointer.open(tmp_path / "run", save_every=3, max_to_keep=2, config=ToyConfig()) as ckpt:
         assert ckpt.latest_step() is None and ckpt.all_steps() == []
         for _ in range(7):
             state = toy_train_step(state)
@@ -101,7 +100,6 @@ def test_round_trip_save_every_and_metadata(tmp_path):
     ckpt = Checkpointer.open(tmp_path / "run", create=False)
     restored, meta = ckpt.restore(template)
     assert_states_identical(restored, state)
-    assert restored.config is template.config
     assert restored.key.dtype == jnp.uint32 and restored.step.dtype == jnp.int32
     assert meta == {}                                     # the forced save had no metadata
     at6, meta6 = ckpt.restore(template, step=6)
@@ -186,7 +184,9 @@ def _truncate(path):
     "metadata_file_garbage", "array_data_truncated", "manifest_garbage", "config_json_garbage",
     "label_metadata_garbage", "state_item_removed",
 ])
-def test_corrupted_checkpoint_raises_checkpoint_error(tmp_path, saved_run, damage):
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_good_step(tmp_path, saved_run, damage, caplog):
+    """The latest step damaged: restoring it by number is a clear error naming it; restoring the latest
+    (no step) warns and returns the newest good step; with every step damaged, a clear error."""
     directory = copy_of(saved_run, tmp_path)
     step_dir = directory / "4"
     if damage == "metadata_file_garbage":
@@ -207,14 +207,19 @@ def test_corrupted_checkpoint_raises_checkpoint_error(tmp_path, saved_run, damag
         shutil.rmtree(step_dir / "state")
     with Checkpointer.open(directory, create=False) as ckpt:
         with pytest.raises(CheckpointError, match=r"/4 is unreadable"):
-            ckpt.restore(toy_state())
-        # The intact earlier step is still usable.
-        state2, meta2 = ckpt.restore(toy_state(), step=2)
+            ckpt.restore(toy_state(), step=4)
+        with caplog.at_level("WARNING", logger="hmdm_jax.checkpoint"):
+            state2, meta2 = ckpt.restore(toy_state())
     assert int(state2.step) == 2 and meta2 == {"state_to_label": MATCHING}
+    assert "/4 is unreadable" in caplog.text and "restored step 2" in caplog.text
+    shutil.rmtree(directory / "2" / "state")
+    with Checkpointer.open(directory, create=False) as ckpt:
+        with pytest.raises(CheckpointError, match=r"every saved step .* is corrupted: \[4, 2\]"):
+            ckpt.restore(toy_state())
 
 
 def test_mismatched_num_classes_names_field_and_config_key(saved_run):
-    with Checkpointer.open(saved_run[0], read_only=True) as ckpt:
+    with Checkpointer.open(saved_run[0], read_only=True, config=ToyConfig(num_classes=4)) as ckpt:
         with pytest.raises(CheckpointError) as info:
             ckpt.restore(toy_state(ToyConfig(num_classes=4)))
     msg = str(info.value)
@@ -225,7 +230,7 @@ def test_mismatched_num_classes_names_field_and_config_key(saved_run):
 
 
 def test_mismatched_width_names_parameter_path(saved_run):
-    with Checkpointer.open(saved_run[0], read_only=True) as ckpt:
+    with Checkpointer.open(saved_run[0], read_only=True, config=ToyConfig(net=ToyNet(width=6))) as ckpt:
         with pytest.raises(CheckpointError) as info:
             ckpt.restore(toy_state(ToyConfig(net=ToyNet(width=6))))
     msg = str(info.value)

@@ -25,7 +25,7 @@ def test_oracle_posterior_concentrates_on_true_class(estimator):
     config = em.EMConfig(num_classes=K, estimator=estimator, num_t=8,
                          t_range=(0.02, 0.2), temperature=1.0)
     keys = em.frame_keys(jax.random.PRNGKey(0), len(labels))
-    log_b = em.score_classes(config, oracle_eps_fn(schedule), jnp.asarray(CENTERS), schedule, y, keys, 0)
+    log_b = em.e_step_scores(config, oracle_eps_fn(schedule), jnp.asarray(CENTERS), schedule, y, keys, 0)
     post = np.exp(np.asarray(mixture.class_posterior(log_b, jnp.full((K,), -np.log(K)))))
     np.testing.assert_allclose(post.sum(1), 1.0, rtol=1e-5)
     p_true = post[np.arange(len(labels)), labels]
@@ -120,7 +120,7 @@ def test_balanced_mixture_step_shares_the_batch_even_when_one_class_explains_eve
 
 
 def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_its_gradient_lowers_it():
-    """em.label_loss equals α · mean over observed frames of −log softmax(class_scores/τ + log π)[label]
+    """em.label_loss equals α · mean over observed frames of −log softmax(tempered_log_emissions/τ + log π)[label]
     (one draw), ignores unknown labels, and a gradient step on the class means lowers it."""
     rng = np.random.default_rng(7)
     schedule = diffusion.linear_schedule(200)
@@ -134,7 +134,7 @@ def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_
     params = jnp.asarray(CENTERS) * 0.3  # wrong means and a high temperature: the posterior is soft
     loss = em.label_loss(config, eps_fn, params, schedule, y, jnp.asarray(observed), keys, log_prior, 0,
                          jnp.float32((observed >= 0).sum()))
-    scores = np.asarray(em.class_scores(config, eps_fn, params, schedule, y, keys, 0, num_t=1), np.float64)
+    scores = np.asarray(em.tempered_log_emissions(config, eps_fn, params, schedule, y, keys, 0, num_t=1), np.float64)
     logits = scores + np.asarray(log_prior)
     log_post = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
     rows = observed >= 0

@@ -550,7 +550,7 @@ def test_em_config_band_reaches_every_estimator_that_takes_one(estimator, num_t)
     config = hem.EMConfig(num_classes=2, estimator=estimator, num_t=num_t, t_range=(0.3, 0.6), temperature=0.5)
     y = jnp.asarray(np.random.default_rng(0).normal(size=(60, 2)), jnp.float32)
     keys = hem.frame_keys(jax.random.PRNGKey(0), 60)
-    scores = hem.class_scores(config, eps_fn, jnp.float32(0.5), SCHED_BIG, y, keys, jnp.int32(0))
+    scores = hem.tempered_log_emissions(config, eps_fn, jnp.float32(0.5), SCHED_BIG, y, keys, jnp.int32(0))
     t = np.concatenate([s.ravel() for s in seen])
     assert t.min() >= 300 and t.max() <= 600 and t.max() - t.min() > 200, (t.min(), t.max())
     assert hem.resolved_t_range(config, 1000) == (300, 600)
@@ -568,11 +568,11 @@ def test_em_band_for_fixed_t_estimator_raises_and_evaluation_drops_it(estimator)
     y, keys = jnp.zeros((3, 2)), hem.frame_keys(jax.random.PRNGKey(0), 3)
     zero_eps = lambda params, z, t, k: jnp.zeros_like(z)
     with pytest.raises(ValueError, match="does not apply to estimator"):
-        hem.class_scores(config, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
+        hem.tempered_log_emissions(config, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
     evaluated = hem.evaluation_config(hem.EMConfig(num_classes=2), estimator=estimator, num_t=num_t)
     assert (evaluated.estimator, evaluated.num_t, evaluated.t_range) == (estimator, num_t, None)
     assert hem.resolved_t_range(evaluated, 1000) is None
-    scores = hem.class_scores(evaluated, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
+    scores = hem.tempered_log_emissions(evaluated, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
     assert scores.shape == (3, 2) and np.all(np.isfinite(scores))
 
 

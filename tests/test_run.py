@@ -476,3 +476,11 @@ def test_resume_says_where_it_resumes(tmp_path, capsys):
     run.train(config, data, tmp_path, progress=False, stop_after=4)
     run.train(config, data, tmp_path, progress=False, resume=True)
     assert "resuming from step 4 of 6" in capsys.readouterr().out
+
+
+def test_the_train_state_is_arrays_only_whatever_the_config():
+    """Changing an option does not change the state's pytree structure (the config is not in the state;
+    the checkpointer saves it beside)."""
+    a, b = blob_config("mixture", 4, 16), with_em(blob_config("mixture", 4, 16), temperature=0.5)
+    structure = lambda c: jax.tree.structure(rp.init_state(c, rp.build_parts(c)))
+    assert structure(a) == structure(b)

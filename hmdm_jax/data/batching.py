@@ -9,6 +9,10 @@ from typing import Iterator, TypeVar
 
 import numpy as np
 
+__all__ = [
+    "iterate_batches", "num_examples", "shard_for_process", "take",
+]
+
 Data = TypeVar("Data")
 
 

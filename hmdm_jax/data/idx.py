@@ -19,6 +19,11 @@ import numpy as np
 
 from hmdm_jax.data.images import ImageDataset, check_labels, unit_images_to_model_range
 
+__all__ = [
+    "GZIP_MAGIC", "IDX_DTYPES", "IDX_SPLIT_PREFIXES", "load_idx", "parse_idx", "read_idx",
+    "read_md5sums", "write_idx",
+]
+
 # IDX dtype code -> big-endian NumPy dtype.
 IDX_DTYPES = {
     0x08: np.dtype(np.uint8),

@@ -10,6 +10,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = [
+    "check_image_dataset", "check_labels", "IMAGE_CHANNELS", "ImageDataset", "IMAGES_NPZ_KEYS",
+    "load_digits", "load_images_npz", "PoolSplit", "read_npz", "resolve_num_classes",
+    "split_images", "split_indices", "unit_images_to_model_range",
+]
+
 IMAGE_CHANNELS = (1, 3)
 IMAGES_NPZ_KEYS = ("images", "labels", "num_classes")
 

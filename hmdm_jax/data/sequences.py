@@ -21,6 +21,12 @@ from hmdm_jax.data.images import (
     unit_images_to_model_range,
 )
 
+__all__ = [
+    "check_sequence_dataset", "flatten_frames", "load_sequences_npz", "markov_sequences",
+    "save_sequences_npz", "SequenceDataset", "SEQUENCES_NPZ_KEYS", "TRANSITION_KINDS",
+    "transition_matrix", "validate_transition_matrix",
+]
+
 TRANSITION_KINDS = ("sticky", "cyclic", "dirichlet")
 SEQUENCES_NPZ_KEYS = ("images", "lengths", "labels", "num_classes")
 _PROB_ATOL = 1e-6  # tolerance on probabilities summing to one

@@ -4,6 +4,10 @@ from __future__ import annotations
 from hmdm_jax.data.idx import load_idx
 from hmdm_jax.data.images import ImageDataset, load_digits, load_images_npz
 
+__all__ = [
+    "load_source", "SOURCE_HELP", "SOURCE_SCHEMES",
+]
+
 SOURCE_SCHEMES = ("digits", "idx", "tfds", "npz")
 SOURCE_HELP = ("digits (scikit-learn's 8x8 digits, bundled) | idx:DIR (MNIST-format IDX files) | "
                "tfds:NAME (mnist, fashion_mnist, cifar10 via tensorflow-datasets) | npz:PATH (your images)")

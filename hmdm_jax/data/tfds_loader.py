@@ -9,6 +9,10 @@ import numpy as np
 
 from hmdm_jax.data.images import ImageDataset, check_labels, unit_images_to_model_range
 
+__all__ = [
+    "import_tfds", "load_tfds", "TFDS_DATASETS",
+]
+
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 _READ_BATCH = 8192  # examples per tf.data batch while converting to NumPy
 

@@ -22,6 +22,11 @@ from .configs import PRESET_EVENT_SHAPES, PRESET_NAMES, ModelConfig, get_model_c
 from .mlp import MLP
 from .unet import UNet
 
+__all__ = [
+    "build_model", "check_params_fit", "init_params", "make_eps_fn", "make_train_eps_fn",
+    "param_count", "param_shapes", "param_table",
+]
+
 Array = jax.Array
 Params = Mapping[str, object]
 EpsFn = Callable[[Params, Array, Array, Array], Array]

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
+__all__ = [
+    "get_model_config", "KINDS", "ModelConfig", "PRESET_NAMES",
+]
+
 KINDS = ("unet", "mlp")
 
 

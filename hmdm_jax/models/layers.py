@@ -7,6 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "ConditioningEmbedding", "num_groups_for", "sinusoidal_embedding",
+]
+
 Array = jax.Array
 
 

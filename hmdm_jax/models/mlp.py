@@ -21,6 +21,10 @@ from .configs import ModelConfig
 from .layers import ConditioningEmbedding
 from .unet import check_batch_conditioning
 
+__all__ = [
+    "MLP",
+]
+
 Array = jax.Array
 
 

@@ -18,6 +18,10 @@ import jax.numpy as jnp
 from .configs import ModelConfig
 from .layers import ConditioningEmbedding, num_groups_for
 
+__all__ = [
+    "AttentionBlock", "check_batch_conditioning", "check_image_input", "ResBlock", "UNet",
+]
+
 Array = jax.Array
 
 

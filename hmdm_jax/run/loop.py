@@ -142,9 +142,9 @@ def train(
     # several hosts: each passes its share and the global array is assembled over the mesh
     place = (lambda b: parallel.global_batch(b, mesh)) if jax.process_count() > 1 else (lambda b: b)
 
-    state = init_state(config, parts, init_params).replace(config=config)
+    state = init_state(config, parts, init_params)
     ckpt = checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=config.loop.keep_checkpoints,
-                                        save_every=config.loop.checkpoint_every or 10**12)
+                                        save_every=config.loop.checkpoint_every or 10**12, config=config)
     loop = LoopState(0, state)
     if resume:
         state, metadata = ckpt.restore(state)

@@ -95,6 +95,6 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[RunConfig, R
     directory = Path(workdir) / "checkpoints"
     config = RunConfig.from_dict(checkpoint.read_config(directory, step))
     parts = build_parts(config)
-    with checkpoint.Checkpointer.open(directory, read_only=True) as ckpt:
-        state, metadata = ckpt.restore(init_state(config, parts).replace(config=config), step)
+    with checkpoint.Checkpointer.open(directory, read_only=True, config=config) as ckpt:
+        state, metadata = ckpt.restore(init_state(config, parts), step)
     return config.with_decisions(metadata.get("decisions", {})), parts, state, metadata
