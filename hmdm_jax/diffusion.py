@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 import numpy as np
+from jaxtyping import Float, Int
 
 __all__ = [
     "alpha_bar", "cosine_schedule", "decoder_log_prob", "discretized_gaussian_log_prob", "Gaussian",
@@ -123,7 +124,8 @@ def one_minus_alpha_bar(schedule: Schedule, t) -> Array:
     return jnp.where(t > 0, -jnp.expm1(log_alpha_bars[jnp.maximum(t, 1) - 1]), 0.0)
 
 
-def q_sample(schedule: Schedule, y: Array, t, noise: Array) -> Array:
+def q_sample(schedule: Schedule, y: Float[Array, "*shape"], t: Int[Array, ""] | int,
+             noise: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """A draw from q(z_t | y) = N(√ᾱ_t y, (1 − ᾱ_t) I), reparameterised by ``noise`` ~ N(0, I).
 
     Args:
@@ -176,7 +178,8 @@ def predict_y_from_eps(schedule: Schedule, z_t: Array, t, eps: Array) -> Array:
     return (z_t - jnp.sqrt(one_minus_alpha_bar(schedule, t)) * eps) / jnp.sqrt(alpha_bar(schedule, t))
 
 
-def p_mean(schedule: Schedule, z_t: Array, t, eps: Array) -> Array:
+def p_mean(schedule: Schedule, z_t: Float[Array, "*shape"], t: Int[Array, ""] | int,
+           eps: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """The reverse mean (z_t − β_t/√(1 − ᾱ_t) · ε) / √α_t, given ``eps`` = ε_θ(z_t, t, k)."""
     beta = _at(schedule.betas, t)
     return (z_t - beta / jnp.sqrt(one_minus_alpha_bar(schedule, t)) * eps) / jnp.sqrt(_at(schedule.alphas, t))

@@ -96,6 +96,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtyping import Float, Key, PRNGKeyArray, UInt32
+
 from hmdm_jax import diffusion
 from hmdm_jax.diffusion import Schedule
 
@@ -542,8 +544,8 @@ def log_emission(
     eps_fn: EpsFn,
     params,
     schedule: Schedule,
-    y: Array,
-    key: Array,
+    y: Float[Array, "B *event"],
+    key: PRNGKeyArray | UInt32[Array, "2"] | UInt32[Array, "B 2"] | Key[Array, " B"],
     num_classes: int,
     *,
     estimator: Union[str, Estimator] = "eps_mse",
@@ -554,7 +556,7 @@ def log_emission(
     variance: str = "beta",
     decoder: str = "gaussian",
     chunk_size: Optional[int] = None,
-) -> Array:
+) -> Float[Array, "B K"]:
     """log b̃_k(y) for every observation and class (see the module docstring for each estimator).
 
     Args:

@@ -67,8 +67,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Bool, Float, Int, PRNGKeyArray
 
 Array = jax.Array
+_In = jax.Array | np.ndarray  # inputs may be NumPy arrays; outputs are JAX arrays
+LogPi = Float[_In, " K"]
+LogA = Float[_In, "*steps K K"]  # [K, K], or [n − 1, K, K] for a time-varying chain
+LogB = Float[_In, "n K"]
+Mask = Bool[_In, " n"] | None
 
 __all__ = [
     "ForwardResult",
@@ -446,7 +452,7 @@ def _sample_backward(key, probs, A_scaled, mask, time_varying: bool) -> Array:
 
 
 @jax.jit
-def forward_filter(log_pi, log_A, log_b, mask=None) -> ForwardResult:
+def forward_filter(log_pi: LogPi, log_A: LogA, log_b: LogB, mask: Mask = None) -> ForwardResult:
     """Forward algorithm: ``log_alpha[i, k] = log p(y_1..y_i, x_i = k)`` and ``log p(y_1..y_n)``.
 
     Args:
@@ -465,7 +471,7 @@ def forward_filter(log_pi, log_A, log_b, mask=None) -> ForwardResult:
 
 
 @jax.jit
-def backward_sample(key, log_alpha, log_A, mask=None) -> Array:
+def backward_sample(key: PRNGKeyArray | _In, log_alpha: LogB, log_A: LogA, mask: Mask = None) -> Int[Array, " n"]:
     """Draws ``x_1..x_n ~ p(x | y)`` exactly, given the forward messages.
 
     ``x_n ~ alpha_n``, then ``x_l ~ alpha_l(·) A_l(·, x_{l+1})`` backwards, by inverse CDF with one
@@ -500,7 +506,7 @@ def backward_sample(key, log_alpha, log_A, mask=None) -> Array:
 
 
 @jax.jit
-def ffbs(key, log_pi, log_A, log_b, mask=None) -> PosteriorSample:
+def ffbs(key: PRNGKeyArray | _In, log_pi: LogPi, log_A: LogA, log_b: LogB, mask: Mask = None) -> PosteriorSample:
     """Forward filtering, backward sampling: one exact draw of the hidden path from ``p(x | y)``.
 
     Args:
@@ -517,7 +523,7 @@ def ffbs(key, log_pi, log_A, log_b, mask=None) -> PosteriorSample:
 
 
 @jax.jit
-def viterbi(log_pi, log_A, log_b, mask=None) -> ViterbiPath:
+def viterbi(log_pi: LogPi, log_A: LogA, log_b: LogB, mask: Mask = None) -> ViterbiPath:
     """Most probable path by max-product with back-pointers (not the argmax of the marginals).
 
     The forward max-plus pass keeps each frame's best scores shifted to a maximum of 0 (each
@@ -588,7 +594,7 @@ def viterbi(log_pi, log_A, log_b, mask=None) -> ViterbiPath:
 
 
 @jax.jit
-def smooth(log_pi, log_A, log_b, mask=None) -> Array:
+def smooth(log_pi: LogPi, log_A: LogA, log_b: LogB, mask: Mask = None) -> Float[Array, "n K"]:
     """Posterior marginals ``p(x_i = k | y_1..y_n)`` by forward–backward.
 
     Args:
@@ -603,7 +609,7 @@ def smooth(log_pi, log_A, log_b, mask=None) -> Array:
 
 
 @jax.jit
-def expected_counts(log_pi, log_A, log_b, mask=None) -> Counts:
+def expected_counts(log_pi: LogPi, log_A: LogA, log_b: LogB, mask: Mask = None) -> Counts:
     """Posterior expected counts for an M-step: ``E[1(x_1 = k)]`` and ``Σ_l E[1(x_l = i, x_{l+1} = j)]``.
 
     Uses ``p(x_l = i, x_{l+1} = j | y) ∝ filtered_l(i) A_l(i, j) p(y_{l+1} | j) β_{l+1}(j)``,
@@ -643,7 +649,7 @@ def expected_counts(log_pi, log_A, log_b, mask=None) -> Counts:
 
 
 @partial(jax.jit, static_argnames="num_classes")
-def path_counts(states, num_classes: int, mask=None) -> Counts:
+def path_counts(states: Int[_In, " n"], num_classes: int, mask: Mask = None) -> Counts:
     """One-hot counts of a sampled or decoded path, the same statistics as :func:`expected_counts`.
 
     Args:
