@@ -446,4 +446,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.main_of(main)()

@@ -19,17 +19,51 @@ from hmdm_jax import parallel
 from hmdm_jax import run
 
 
+def at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (a zero or negative value is refused, never replaced)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def main_of(main):
+    """``main(argv)`` with the library's input errors as one line ``error: ...`` on stderr and exit code 2.
+
+    The library raises ``ValueError`` (``checkpoint.CheckpointError`` is one) or ``FileNotFoundError``
+    for bad data, configs, workdirs and checkpoints; anything else is a bug and keeps its traceback.
+    """
+    def guarded(argv=None):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+    return guarded
+
+
+def check_workdir(workdir: Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir} exists and is not a directory")
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits", help=hdata.SOURCE_HELP)
     p.add_argument("--workdir", required=True, help="output directory: config, checkpoints, metrics.jsonl, results.json, figures")
     p.add_argument("--preset", default="cpu-small", choices=("cpu-small", "gpu", "tpu"), help="run preset (default cpu-small)")
-    p.add_argument("--num-classes", type=int, default=None, help="K (default: the number of classes of the data)")
+    p.add_argument("--num-classes", type=at_least(1), default=None, help="K (default: the number of classes of the data)")
     p.add_argument("--observed-labels", type=float, default=0.0,
                    help="fraction F of labelled training frames whose label is clamped in training (default 0: unsupervised)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, sequences, initialisation and draws")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the data split, sequences, initialisation and draws")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in WORKDIR")
-    p.add_argument("--steps", type=int, default=None, help="training steps (overrides the preset's loop.train_steps)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in WORKDIR (without it, a used WORKDIR is refused)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="training steps (overrides the preset's loop.train_steps)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config overrides, e.g. em.temperature=0.2 loop.batch_size=16")
     p.add_argument("--distributed", action="store_true",
@@ -56,11 +90,11 @@ def build_config(args, model_type: str, num_classes: int, event_shape, **data_re
     if getattr(args, "distributed", False):
         parallel.initialize_distributed()  # before the first JAX computation of the run
     config = run.preset(args.preset, model_type, num_classes, event_shape, **data_record)
-    overrides = [f"seed={args.seed}"] + ([f"loop.train_steps={args.steps}"] if args.steps else []) + list(args.set)
+    overrides = [f"seed={args.seed}"] + ([f"loop.train_steps={args.steps}"] if args.steps is not None else []) + list(args.set)
     try:
         return run.apply_overrides(config, overrides)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
 
 def print_config(config: run.RunConfig) -> None:

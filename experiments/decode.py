@@ -43,17 +43,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the emission draws")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    try:
-        config, parts, state, metadata = run.load_run(args.workdir, args.step)
-    except checkpoint.CheckpointError as e:
-        common.fail(str(e))
+    output_dir = Path(args.output).resolve().parent
+    if not output_dir.is_dir():
+        common.fail(f"--output {args.output}: the folder {output_dir} does not exist")
+    config, parts, state, metadata = run.load_run(args.workdir, args.step)
     state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)  # uncommitted: shares compilations
     k = config.em.num_classes
     hmdm = config.model_type == "hmdm"
-    try:
-        ds = hdata.load_sequences_npz(args.input, num_classes=k) if hmdm else hdata.load_images_npz(args.input, num_classes=k)
-    except (ValueError, FileNotFoundError) as e:
-        common.fail(str(e))
+    ds = hdata.load_sequences_npz(args.input, num_classes=k) if hmdm else hdata.load_images_npz(args.input, num_classes=k)
     event = ds.images.shape[2:] if hmdm else ds.images.shape[1:]
     if tuple(event) != tuple(config.event_shape):
         common.fail(f"input frames have shape {tuple(event)}, the model was trained on {tuple(config.event_shape)}")
@@ -88,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.main_of(main)()

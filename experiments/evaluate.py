@@ -598,4 +598,4 @@ def print_summary(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.main_of(main)()

@@ -76,8 +76,9 @@ def to_train_data(seqs, observed) -> run.TrainData:
 def main(argv=None):
     args = parse_args(argv)
     workdir = Path(args.workdir)
+    common.check_workdir(workdir)
     train_seqs, held_seqs, true_A = sequences_from_args(args)
-    k = args.num_classes or train_seqs.num_classes
+    k = train_seqs.num_classes if args.num_classes is None else args.num_classes
     if k < 1:
         common.fail("cannot infer K from unlabelled data: pass --num-classes")
     observed = common.observed_mask(train_seqs.labels, args.observed_labels, args.seed, train_seqs.mask)
@@ -90,7 +91,8 @@ def main(argv=None):
     common.print_config(config)
     train_data, held_data = to_train_data(train_seqs, observed), to_train_data(held_seqs, np.zeros_like(observed[:0]))
     with common.Timer() as timer:
-        result = run.train(config, train_data, workdir, heldout=held_data, resume=args.resume, true_A=true_A,
+        result = run.train(config, train_data, workdir, heldout=held_data, resume=args.resume, overwrite=args.overwrite,
+                           true_A=true_A,
                               progress=not args.no_progress)
     config = result.config  # as trained (the scoring band may have been chosen)
     if result.stopped_early:
@@ -173,4 +175,4 @@ def figures(workdir: Path, config, result, ev, held_seqs, true_A) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.main_of(main)()

@@ -35,12 +35,13 @@ def main(argv=None):
                    help="train on the rest, also report accuracy on this stratified held-out fraction (default 0)")
     args = p.parse_args(argv)
     workdir = Path(args.workdir)
+    common.check_workdir(workdir)
     images = hdata.load_source(args.data)
     heldout = None
     if args.heldout_fraction > 0:
         pools = hdata.split_images(images, args.heldout_fraction, args.seed)
         images, heldout = pools.train, pools.heldout
-    k = args.num_classes or images.num_classes
+    k = images.num_classes if args.num_classes is None else args.num_classes
     if k < 1:
         common.fail("cannot infer K from unlabelled data: pass --num-classes")
     observed = common.observed_mask(images.labels, args.observed_labels, args.seed)
@@ -50,7 +51,8 @@ def main(argv=None):
     common.print_config(config)
     data = run.TrainData(images.images, images.labels, observed)
     with common.Timer() as timer:
-        result = run.train(config, data, workdir, resume=args.resume, progress=not args.no_progress)
+        result = run.train(config, data, workdir, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.no_progress)
     config = result.config  # as trained (the scoring band may have been chosen)
     if result.stopped_early:
         return common.stopped(workdir, result)
@@ -98,4 +100,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.main_of(main)()

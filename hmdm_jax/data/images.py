@@ -164,7 +164,11 @@ def load_images_npz(path, num_classes: int | None = None) -> ImageDataset:
     Raises:
       FileNotFoundError: no such file. ValueError: anything malformed, with the reason.
     """
-    arrays = read_npz(path, IMAGES_NPZ_KEYS, required=("images",))
+    arrays = read_npz(path, IMAGES_NPZ_KEYS + ("lengths",), required=("images",))
+    if "lengths" in arrays or arrays["images"].ndim == 5:
+        raise ValueError(f"{path} holds sequences (images {arrays['images'].shape}"
+                         f"{', lengths' if 'lengths' in arrays else ''}), not images: train it with "
+                         f"experiments/hmdm.py, or give the mixture images [N, H, W(, C)]")
     what = f"images in {path}"
     images = arrays["images"]
     if images.ndim == 3:
@@ -190,9 +194,14 @@ def read_npz(path, allowed: tuple, required: tuple) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x93NUMPY")):
+        raise ValueError(f"{path} is not an .npz file (an .npz is a zip archive of .npy arrays; "
+                         f"write one with numpy.savez)")
     try:
         npz = np.load(path, allow_pickle=False)
-    except Exception as err:  # not a zip/npy, or a pickle: numpy raises several types
+    except Exception as err:  # a pickle, a damaged archive: numpy raises several types
         raise ValueError(f"cannot read {path} as an .npz archive: {err}") from err
     if not hasattr(npz, "files"):
         raise ValueError(f"{path} holds a single array, not an .npz archive of named arrays")
