@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """The paper's two ablations, in one table: (a) the posterior (E-step) estimator, (b) the initialisation.
 
+Over 400 lines: the rows, their caching and the table; training and evaluation are the library's.
+
 (a) Posterior estimator. Every row trains the same model on the same data with the same k-means warm
     start and steps, changing only the E-step:
       paper                  EMConfig.paper(K): one random t, the sampled Gaussian density, scale 1,

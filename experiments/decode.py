@@ -24,9 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
-from hmdm_jax import checkpoint
 from hmdm_jax import data as hdata
-from hmdm_jax import emission, metrics
+from hmdm_jax import emission
 from hmdm_jax import run
 
 

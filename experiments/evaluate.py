@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a trained run (mixture or HMDM): accuracy, NLL in bits/dim, FID and figures.
 
+A long script on purpose: one section per metric of the paper (accuracy, NLL, FID, figures), each built
+on the library (``run.evaluation``, ``metrics``) rather than re-implementing it.
+
 The model type, the data and the seed come from the run's saved config: the data are rebuilt exactly
 as the training script built them (``experiments/hmdm.py``'s ``make_sequences`` for the HMDM, the whole
 image source for the mixture). Writes ``WORKDIR/evaluation.json`` and PNGs in ``WORKDIR/figures``.

@@ -93,7 +93,7 @@ def main(argv=None):
         samples = sampling.ancestral_sample(jax.random.PRNGKey(args.seed + 99), result.parts.eps_fn,
                                             result.state.ema_params, result.parts.schedule, classes, event)
         metrics.plot_samples_per_class(np.asarray(samples).reshape((k, per_class) + event), fig_dir / "samples_per_class.png")
-        if labelled.any():
+        if (images.labels >= 0).any():
             metrics.plot_confusion(matching.confusion_matrix(images.labels, pred, k, k), fig_dir / "confusion.png")
         print(f"figures in {fig_dir}")
     return results

@@ -1,5 +1,8 @@
 """Checkpoints of a :class:`~hmdm_jax.state.TrainState`, with Orbax, and clean stops on preemption.
 
+Over 400 lines on purpose: the error paths (corruption, fallback, mismatched configs, multi-host) are
+the point of the module, and each needs its own message.
+
 A checkpoint directory holds one sub-directory per saved step (``<dir>/<step>/``), each with three
 Orbax items:
 

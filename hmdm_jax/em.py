@@ -1,4 +1,5 @@
-"""What the mixture and HMDM train steps share: the EM options, class scoring, the ε-loss step, M-steps.
+"""The E-step side of EM that both models share: the options (``EMConfig``), tempered class scores, the
+label loss, the label-free band choice, the balanced posterior (the ε-loss and M-step are in ``steps``).
 
 Both models alternate (Algorithms 1 and 3 of the paper draft)
 
@@ -8,7 +9,7 @@ Both models alternate (Algorithms 1 and 3 of the paper draft)
 3. an M-step on π (and A) from the sampled classes, with Dirichlet pseudo-counts so that no class or
    transition ever reaches probability 0 (hmmlearn's "rows of transmat_ must sum to 1" failure).
 
-Defaults are the ones that learn unsupervised (measured, see RESULTS.md): the unweighted mid-range ε-MSE
+Defaults are the ones that learn unsupervised (RESULTS.md): the unweighted mid-range ε-MSE
 score (two t-draws per frame for the mixture, one for HMDM, whose chain pools the evidence of
 neighbouring frames) and temperature 0.15, π fixed uniform, A re-estimated. ``EMConfig.paper()`` gives
 the seed's algorithm taken literally (one random t, the sampled density, scale 1, π re-estimated), which
@@ -21,19 +22,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from hmdm_jax import diffusion, emission
-from hmdm_jax.parallel import pmean_if, psum_if
-from hmdm_jax.state import TrainState
+from hmdm_jax.parallel import psum_if
 
 __all__ = [
-    "accumulate_counts", "BALANCE_ITERATIONS", "BALANCE_SCALES", "balanced_class_posterior",
-    "band_agreement", "CANDIDATE_BANDS", "tempered_log_emissions", "COUNTS_FROM", "denoising_loss",
-    "denoising_step", "dirichlet_log_probs", "EMConfig", "end_epoch", "evaluation_config",
-    "FINAL_STEP", "frame_keys", "gradient_update", "label_loss", "m_step", "observed_label_loss",
-    "posterior_entropy", "PRIOR_UPDATES", "resolved_t_range",
-    "e_step_scores", "select_t_range", "step_keys", "temperature_at",
+    "BALANCE_ITERATIONS", "BALANCE_SCALES", "balanced_class_posterior", "band_agreement",
+    "CANDIDATE_BANDS", "tempered_log_emissions", "COUNTS_FROM", "EMConfig", "evaluation_config",
+    "FINAL_STEP", "frame_keys", "label_loss", "observed_label_loss", "posterior_entropy",
+    "PRIOR_UPDATES", "resolved_t_range", "e_step_scores", "select_t_range", "step_keys",
+    "temperature_at",
 ]
 
 Array = jax.Array
@@ -51,9 +49,7 @@ class EMConfig:
       num_classes: K.
       estimator: the emission estimator (see ``emission.log_emission``); "eps_mse" by default.
       num_t: t-draws per frame for the estimator. Two by default: the mixture from a random start needs
-        them (2-D blobs: 0.80 held-out with one draw, ≥ 0.95 with two). HMDM pools the evidence of a frame's
-        neighbours through A, so its presets use one (``train.preset``): on the main job num_t = 1 reached
-        0.978 held-out Viterbi accuracy vs 0.971 with 2, at 0.66 × the step time (RESULTS.md).
+        them. HMDM pools the evidence of a frame's neighbours through A, so its presets use one.
       t_range: the scoring band as fractions (lo, hi) of T for "eps_mse"; None: the estimator's default.
       temperature: class scores are divided by it (0.15 by default; 1 is the untempered paper score).
       initial_temperature: when set, the temperature anneals geometrically from this value to
@@ -80,7 +76,7 @@ class EMConfig:
         The analogue of the α·log q(x | y) term of semi-supervised generative models (Kingma et al.,
         2014): EM alone uses an observed label only to clamp its frame, so a few labels barely move the
         class scores of the unlabelled frames. 0 (default): the paper's EM. Does nothing without labels.
-        The mixture's ``cpu-small`` preset sets 0.1 when labels are observed (RESULTS.md).
+        The mixture's ``cpu-small`` preset sets 0.1 when labels are observed.
       label_loss_frames: score at most this many frames of the global batch in the label loss, the ones
         with observed labels first, in batch order (None: every frame; frames without a label add no term
         but cost K network passes with gradients all the same). With at least as many frames as observed
@@ -90,9 +86,8 @@ class EMConfig:
         rescaled by per-class offsets (:func:`balanced_class_posterior`) so that class k receives B·π_k of
         the global batch's frames in expectation (the equipartition constraint of
         self-labelling clustering, Asano et al., 2020; Caron et al., 2020). It rules out the collapse of a
-        sharp E-step into one or two classes, which a low temperature otherwise causes on 28×28 frames;
-        on its own it did not make the CPU-scale 28×28 mixture learn (0.167, RESULTS.md). False (default):
-        the model's own posterior, as the paper.
+        sharp E-step into one or two classes, which a low temperature otherwise causes on 28×28 frames.
+        False (default): the model's own posterior, as the paper.
     """
 
     num_classes: int
@@ -362,12 +357,8 @@ def select_t_range(
     Uses no labels: ``assignment`` is whatever partition the network was trained on. Ties go to the
     first band. Returns ``((lo, hi), agreements [len(bands)])``.
 
-    Measured on the main job (RESULTS.md): after the k-means warm start it picks (0.1, 0.3), the band that
-    best reproduces k-means, and HMDM then reaches 0.897 held-out instead of 0.978 with the default
-    (0.3, 0.6). Reproducing the current partition is not the same as improving on it, so for HMDM this is
-    an option (``loop.select_t_range``). For the mixture on all 1,797 digits it picks (0.2, 0.4) or
-    (0.1, 0.3) and the runs end at 0.846 / 0.865 (seeds 0 / 1) against 0.822 / 0.823 with (0.3, 0.6),
-    so the mixture's ``cpu-small`` preset turns it on.
+    Reproducing the current partition is not the same as improving on it: the mixture's ``cpu-small``
+    preset uses it (``band.choose``), HMDM's does not (RESULTS.md has both measurements).
     """
     scores = jax.jit(band_agreement, static_argnums=(0, 1), static_argnames="bands")(
         config, eps_fn, params, schedule, y, assignment, key, bands=tuple(tuple(b) for b in bands)
@@ -383,149 +374,6 @@ def frame_keys(key: Array, batch_size: int, axis_name: str | None = None) -> Arr
     """
     offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch_size
     return jax.vmap(jax.random.fold_in, (None, 0))(key, offset + jnp.arange(batch_size))
-
-
-def denoising_loss(
-    eps_fn: EpsFn,
-    params: Any,
-    schedule: diffusion.Schedule,
-    y: Array,
-    classes: Array,
-    keys: Array,
-    weights: Array,
-    normalizer: Array,
-    label_dropout: float = 0.0,
-    null_class: int | None = None,
-) -> Array:
-    """The DDPM ε-loss Σ_i w_i ‖ε_i − ε_θ(√ᾱ_t y_i + √(1−ᾱ_t) ε_i, t_i, x_i)‖²/D / normalizer, t ~ U{1..T}.
-
-    Args:
-      y: ``[B, *event]`` frames.
-      classes: ``[B]`` int32 class of each frame (sampled or observed).
-      keys: ``[B]`` per-frame PRNG keys (t, ε and label dropout of frame i come from keys[i]).
-      weights: ``[B]`` float32 frame weights (0 for padding).
-      normalizer: ``[]`` the total weight of the (global) batch, so that per-device losses add up.
-      label_dropout: probability of replacing a class by ``null_class`` (classifier-free guidance).
-
-    Returns:
-      ``[]`` the weighted sum over frames of the per-frame mean squared error, divided by ``normalizer``.
-    """
-
-    def draw(key, frame):
-        key_t, key_eps, key_drop = jax.random.split(key, 3)
-        t = jax.random.randint(key_t, (), 1, schedule.num_steps + 1)
-        eps = jax.random.normal(key_eps, frame.shape, frame.dtype)
-        return t, eps, jax.random.bernoulli(key_drop, label_dropout)
-
-    t, eps, drop = jax.vmap(draw)(keys, y)
-    z_t = jax.vmap(diffusion.q_sample, (None, 0, 0, 0))(schedule, y, t, eps)
-    if label_dropout > 0.0:
-        classes = jnp.where(drop, null_class, classes)
-    pred = eps_fn(params, z_t, t, classes)
-    per_frame = jnp.mean(jnp.square(eps - pred).reshape(y.shape[0], -1), axis=1)
-    return jnp.sum(weights * per_frame) / jnp.maximum(normalizer, 1e-6)
-
-
-def gradient_update(
-    state: TrainState, grads: Any, optimizer: optax.GradientTransformation, ema_decay: float
-) -> TrainState:
-    """An optax step on ``grads`` and the EMA update; increments ``step``."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-    return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-
-
-def denoising_step(
-    state: TrainState,
-    eps_fn: EpsFn,
-    schedule: diffusion.Schedule,
-    optimizer: optax.GradientTransformation,
-    y: Array,
-    classes: Array,
-    weights: Array,
-    key: Array,
-    *,
-    ema_decay: float,
-    label_dropout: float = 0.0,
-    null_class: int | None = None,
-    axis_name: str | None = None,
-    extra_loss: Callable[[Any], Array] | None = None,
-) -> tuple[TrainState, Array, Array]:
-    """One gradient step on :func:`denoising_loss` (plus ``extra_loss``), summed across devices.
-
-    Args:
-      y: ``[B, *event]`` frames (this device's share of the global batch).
-      classes: ``[B]`` int32 class of each frame.
-      weights: ``[B]`` float32 frame weights (0 for padding).
-      key: the step's loss key; frame i draws from ``frame_keys(key, B, axis_name)[i]``.
-      extra_loss: optional ``extra_loss(params) -> []`` added to the objective (e.g. :func:`label_loss`),
-        this device's share of a global-batch term.
-
-    Returns:
-      ``(state, loss, extra)``: the state after the optax and EMA update, the global-batch ε-loss and the
-      global ``extra_loss`` (0 without one).
-    """
-    normalizer = psum_if(jnp.sum(weights), axis_name)
-    keys = frame_keys(key, y.shape[0], axis_name)
-
-    def loss_fn(p):
-        loss = denoising_loss(eps_fn, p, schedule, y, classes, keys, weights, normalizer, label_dropout, null_class)
-        extra = jnp.float32(0.0) if extra_loss is None else extra_loss(p)
-        return loss + extra, (loss, extra)
-
-    (_, (loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # per-device losses are already divided by the global normalizer, so the sum is the global loss
-    loss, extra, grads = psum_if((loss, extra, grads), axis_name)
-    return gradient_update(state, grads, optimizer, ema_decay), loss, extra
-
-
-def dirichlet_log_probs(counts: Array, pseudo_count: float, sticky_count: float = 0.0) -> Array:
-    """log of the posterior-mean probabilities (counts + pseudo) / Σ, normalised over the last axis.
-
-    Args:
-      counts: ``[K]`` or ``[K, K]`` non-negative (expected) counts.
-      sticky_count: added to the diagonal of a ``[K, K]`` count matrix.
-    """
-    alpha = counts + pseudo_count
-    if counts.ndim == 2 and sticky_count:
-        alpha = alpha + sticky_count * jnp.eye(counts.shape[0], dtype=counts.dtype)
-    return jnp.log(alpha) - jnp.log(jnp.sum(alpha, axis=-1, keepdims=True))
-
-
-def accumulate_counts(config: EMConfig, state: TrainState, class_counts: Array, transition_counts: Array) -> TrainState:
-    """Adds a batch's counts to the running statistics and re-estimates π and A: every step (``running``),
-    or at the end of every ``epoch_steps`` steps, counting the step just taken (``epoch``)."""
-    decay = 1.0 - config.count_decay if config.prior_update == "running" else 1.0
-    state = state.replace(
-        class_counts=decay * state.class_counts + class_counts,
-        transition_counts=decay * state.transition_counts + transition_counts,
-    )
-    if config.prior_update == "running":
-        return m_step(config, state)
-    epoch_done = state.step % config.epoch_steps == 0
-    updated = end_epoch(config, state)
-    fields = ("log_pi", "log_A", "class_counts", "transition_counts")
-    return state.replace(**{f: jnp.where(epoch_done, getattr(updated, f), getattr(state, f)) for f in fields})
-
-
-def m_step(config: EMConfig, state: TrainState) -> TrainState:
-    """Sets π (if learned) and A (if learned) to their Dirichlet posterior means given the counts."""
-    if config.learn_pi:
-        state = state.replace(log_pi=dirichlet_log_probs(state.class_counts, config.pseudo_count))
-    if config.learn_A:
-        state = state.replace(
-            log_A=dirichlet_log_probs(state.transition_counts, config.pseudo_count, config.sticky_count)
-        )
-    return state
-
-
-def end_epoch(config: EMConfig, state: TrainState) -> TrainState:
-    """The epoch-level M-step: re-estimate π, A from the accumulated counts, then reset them."""
-    state = m_step(config, state)
-    return state.replace(
-        class_counts=jnp.zeros_like(state.class_counts), transition_counts=jnp.zeros_like(state.transition_counts)
-    )
 
 
 BALANCE_SCALES = 16  # ε-scaling stages of the balanced E-step (from soft to the actual posterior)

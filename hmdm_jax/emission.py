@@ -1,5 +1,8 @@
 r"""Per-class emission log-likelihoods log b̃_k(y) of a class-conditional diffusion model.
 
+Over 400 lines on purpose: the estimators share their draws (common random numbers), chunking and checks,
+and this docstring states each one's formula; the registry keeps adding one to one place.
+
 A mixture / HMM of diffusion models needs, for every observation y and every class k, a score
 log b̃_k(y) that stands in for log p_θ(y | x = k): the class posterior is then
 p̃(x = k | y) ∝ exp(log b̃_k(y)) π_k (:func:`class_log_posterior`). The exact likelihood is

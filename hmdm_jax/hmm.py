@@ -1,5 +1,8 @@
 """Exact inference in a discrete hidden Markov model, in log space, one sequence per call.
 
+One module of ~700 lines on purpose: the seven public algorithms share one forward pass, its masks, the
+time-varying A and the shape-based formulation choices, and dynamax keeps them together the same way.
+
 Conventions
 -----------
 * ``K`` hidden states (classes), ``n`` frames; frames are 0-based in code (frame ``i`` of the

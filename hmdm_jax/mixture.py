@@ -25,7 +25,6 @@ from hmdm_jax.em import (
     EMConfig,
     EpsFn,
     balanced_class_posterior,
-    denoising_step,
     evaluation_config,
     frame_keys,
     posterior_entropy,
@@ -33,7 +32,7 @@ from hmdm_jax.em import (
 )
 from hmdm_jax.parallel import pmean_if, psum_if
 from hmdm_jax.state import TrainState
-from hmdm_jax.steps import EStepResult, make_em_step
+from hmdm_jax.steps import EStepResult, denoising_step, make_em_step
 
 __all__ = [
     "class_posterior", "make_supervised_step", "make_train_step", "predict", "sample_classes",

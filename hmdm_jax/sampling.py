@@ -1,5 +1,7 @@
 """Samplers for class-conditional diffusion models: ancestral (DDPM), DDIM, guidance, HMDM sequences.
 
+Over 400 lines on purpose: the samplers share one guided ε and one reverse-step loop.
+
 Every sampler drives the ε-network interface of the project,
 ``eps_fn(params, z_t, t, k) -> eps`` with ``z_t: [B, *event]`` float32, ``t: [B]`` int32 in 1..T and
 ``k: [B]`` int32 in 0..K, where ``k = K`` (``null_class``) is the unconditional class of

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, models, warm_start
+from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, models, steps, warm_start
 from hmdm_jax import matching as am
 from hmdm_jax.state import create_train_state
 from tests.blobs import CENTERS, K, STICKY_A, blob_config, blobs, markov_labels, oracle_eps_fn
@@ -195,7 +195,7 @@ def test_paper_config_is_the_literal_algorithm():
 
 def test_dirichlet_m_step_never_reaches_zero():
     counts = jnp.array([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 4.0]])
-    probs = np.exp(np.asarray(em.dirichlet_log_probs(counts, 1.0, sticky_count=2.0)))
+    probs = np.exp(np.asarray(steps.dirichlet_log_probs(counts, 1.0, sticky_count=2.0)))
     np.testing.assert_allclose(probs, [[13 / 15, 1 / 15, 1 / 15], [1 / 5, 3 / 5, 1 / 5],
                                        [4 / 15, 4 / 15, 7 / 15]], rtol=1e-6)
     assert probs.min() > 0

@@ -32,7 +32,7 @@ import mixture as mixture_experiment  # noqa: E402
 from hmdm_jax import checkpoint  # noqa: E402
 from hmdm_jax import data as hdata  # noqa: E402
 from hmdm_jax import em  # noqa: E402
-from hmdm_jax import run as htrain  # noqa: E402
+from hmdm_jax import run  # noqa: E402
 
 # As many training as held-out sequences, one batch of them: every decode has the same shape (one compile).
 SEQUENCES = ["--num-sequences", "4", "--heldout-sequences", "4", "--length", "6"]
@@ -140,7 +140,7 @@ def test_interrupted_script_saves_and_skips_evaluation(tmp_path, monkeypatch, ca
     assert out == {"stopped_early": True, "steps": 1}
     assert not (workdir / "results.json").exists()
     assert "--resume" in capsys.readouterr().out
-    assert checkpoint.read_config(workdir / "checkpoints") and htrain.load_run(workdir)[2].step == 1
+    assert checkpoint.read_config(workdir / "checkpoints") and run.load_run(workdir)[2].step == 1
 
 
 def test_mixture_script_holds_out_the_hmdm_image_pool(tmp_path):
@@ -237,7 +237,7 @@ def test_ablation_rows_are_the_documented_configs():
 def test_ablation_rows_saved_before_a_config_field_existed_are_reused():
     """A row saved before the config class gained a field (at its default) is the same config; a changed
     value is not."""
-    config = htrain.preset("cpu-small", "hmdm", K, (8, 8, 1))
+    config = run.preset("cpu-small", "hmdm", K, (8, 8, 1))
     current = ablations._json(config.to_dict())
     saved = json.loads(json.dumps(current))
     del saved["loop"]["observed_batch_fraction"]
@@ -269,12 +269,12 @@ def test_ablations_end_to_end(tmp_path, hmdm_run):
 
 
 def test_fid_of_colour_data_without_inception_weights_is_skipped_with_a_message(capsys):
-    from hmdm_jax import run as htrain
+
 
     args = evaluate.parse_args(["--workdir", "unused"])
-    config = htrain.preset("cpu-small", "mixture", 2, (8, 8, 3), source="npz:colour.npz")
+    config = run.preset("cpu-small", "mixture", 2, (8, 8, 3), source="npz:colour.npz")
     images = np.zeros((4, 8, 8, 3), np.float32)
-    data = evaluate.RunData(htrain.TrainData(images, np.array([0, 1, 0, 1]), np.zeros(4, bool)), None, None, 2, [])
+    data = evaluate.RunData(run.TrainData(images, np.array([0, 1, 0, 1]), np.zeros(4, bool)), None, None, 2, [])
     record = evaluate.fid_section(args, config, None, None, data, {})
     assert "--inception-weights" in record["skipped"] and "fid" not in record
     assert "FID skipped" in capsys.readouterr().out

@@ -44,7 +44,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
-from hmdm_jax.matching import (accuracy_with_mapping, best_matching, class_usage,
+from hmdm_jax.matching import (accuracy_with_mapping, class_usage,
                                        clustering_scores, matched_accuracy)
 
 __all__ = ["kmeans_baseline", "gmm_baseline", "gaussian_hmm_baseline", "matched_transition_matrix"]

@@ -7,7 +7,7 @@ and decides itself whether it is due (:func:`crossed`). What a hook decides is r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
