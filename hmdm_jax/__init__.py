@@ -3,8 +3,9 @@
 Layers (imports point down):
   functional core   ``diffusion`` (schedules, q/p), ``emission`` (per-class log-likelihood estimators),
                     ``hmm`` (log-space forward filter, FFBS, Viterbi, smoothing)
-  EM steps          ``em`` (E-step options and scoring, ε-loss, M-step), ``steps`` (the one EM step),
-                    ``mixture`` and ``hmdm`` (their E-steps, decoding), ``state``, ``parallel``
+  EM steps          ``em`` (E-step options and scoring, label loss, band choice), ``steps`` (the one EM
+                    step, ε-loss, M-step), ``mixture`` and ``hmdm`` (their E-steps, decoding), ``state``,
+                    ``parallel``
   run layer         ``run`` (configs, presets, loop and hooks, evaluation), ``checkpoint``
   data, networks    ``data``, ``models``, ``warm_start``, ``matching`` (label switching), ``sampling``
 ``hmdm_jax.metrics`` (NLL, FID, figures, baselines) is used by the scripts only.
@@ -12,20 +13,31 @@ Layers (imports point down):
 Typical use::
 
     import hmdm_jax as hj
-    config = hj.run.preset("cpu-small", "hmdm", num_classes=10, event_shape=(8, 8, 1))
-    result = hj.run.train(config, hj.run.TrainData(images, labels, observed, mask), "runs/mine")
+    config = hj.preset("cpu-small", "hmdm", num_classes=10, event_shape=(8, 8, 1))
+    result = hj.train(config, hj.TrainData(images, labels, observed, mask), "runs/mine")
     paths = hj.run.predict_states(result.config, result.parts, result.state, images, mask, num_t=64)
+
+Modules and entry points load on first use, so ``import hmdm_jax.data`` stays free of JAX.
 """
-from hmdm_jax import (checkpoint, data, diffusion, em, emission, hmdm, hmm, matching, mixture, models, parallel,
-                      run, sampling, state, steps, warm_start)
-from hmdm_jax.em import EMConfig
-from hmdm_jax.run import RunConfig, TrainData, load_run, preset, train
-from hmdm_jax.state import TrainState, create_train_state
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EMConfig", "RunConfig", "TrainData", "TrainState", "checkpoint", "create_train_state", "data", "diffusion",
-    "em", "emission", "hmdm", "hmm", "load_run", "matching", "mixture", "models", "parallel", "preset", "run",
-    "sampling", "state", "steps", "train", "warm_start",
-]
+_MODULES = ("checkpoint", "data", "diffusion", "em", "emission", "hmdm", "hmm", "matching", "mixture", "models",
+            "parallel", "run", "sampling", "state", "steps", "warm_start")
+_ENTRY_POINTS = {"EMConfig": "em", "RunConfig": "run", "TrainData": "run", "load_run": "run", "preset": "run",
+                 "train": "run", "TrainState": "state", "create_train_state": "state"}
+
+__all__ = sorted(_MODULES + tuple(_ENTRY_POINTS), key=str.lower)
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return importlib.import_module(f"hmdm_jax.{name}")
+    if name in _ENTRY_POINTS:
+        return getattr(importlib.import_module(f"hmdm_jax.{_ENTRY_POINTS[name]}"), name)
+    raise AttributeError(f"module 'hmdm_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

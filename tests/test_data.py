@@ -459,7 +459,7 @@ def test_sequences_npz_validation_errors(tmp_path, name, content, match):
 
 def test_sequences_npz_unreadable_files(tmp_path):
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="is not an .npz file"):
         load_sequences_npz(tmp_path / "text.npz")
     np.save(tmp_path / "single.npy", np.zeros((2, 3, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="single array"):
