@@ -165,10 +165,18 @@ def load_images_npz(path, num_classes: int | None = None) -> ImageDataset:
       FileNotFoundError: no such file. ValueError: anything malformed, with the reason.
     """
     arrays = read_npz(path, IMAGES_NPZ_KEYS + ("lengths",), required=("images",))
-    if "lengths" in arrays or arrays["images"].ndim == 5:
-        raise ValueError(f"{path} holds sequences (images {arrays['images'].shape}"
-                         f"{', lengths' if 'lengths' in arrays else ''}), not images: train it with "
+    shape = arrays["images"].shape
+    sequence_labels = "labels" in arrays and np.ndim(arrays["labels"]) == 2
+    if "lengths" in arrays or len(shape) == 5 or sequence_labels:
+        raise ValueError(f"{path} holds sequences (images {shape}{', lengths' if 'lengths' in arrays else ''}"
+                         f"{', labels [N, n]' if sequence_labels else ''}), not images: train it with "
                          f"experiments/hmdm.py, or give the mixture images [N, H, W(, C)]")
+    if len(shape) == 4 and shape[-1] not in IMAGE_CHANNELS:
+        # [N, H, W, C] with C not 1 or 3 is no image set; [N, n, H, W] sequences (the loaders' other layout) are
+        raise ValueError(f"{path} looks like a sequence file: images {shape} read as [N, n, H, W] sequences of "
+                         f"{shape[2]}x{shape[3]} frames (as images [N, H, W, C], its last axis would be {shape[-1]} "
+                         f"colour channels, not 1 or 3); train sequences with experiments/hmdm.py, or give the "
+                         f"mixture images [N, H, W(, C)]")
     what = f"images in {path}"
     images = arrays["images"]
     if images.ndim == 3:
