@@ -47,8 +47,14 @@ def main_of(main):
 
 
 def check_workdir(workdir: Path) -> None:
+    """Refuses a workdir that is a file, or that lies under a file (it could never be created)."""
     if workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {workdir} exists and is not a directory")
+    for parent in Path(workdir).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                fail(f"--workdir {workdir}: {parent} is a file, not a folder")
+            break
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -77,7 +83,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def observed_mask(labels: np.ndarray, fraction: float, seed: int, valid: np.ndarray | None = None) -> np.ndarray:
     """A random ``fraction`` of the labelled (≥ 0) valid entries, as a bool mask of ``labels``' shape."""
     if not 0.0 <= fraction <= 1.0:
-        raise SystemExit(f"--observed-labels must be in [0, 1], got {fraction}")
+        fail(f"--observed-labels must be in [0, 1], got {fraction}")
     candidates = np.flatnonzero((labels >= 0) & (True if valid is None else valid))
     rng = np.random.default_rng([seed, 17])
     chosen = rng.choice(candidates, size=int(round(fraction * len(candidates))), replace=False)

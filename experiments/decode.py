@@ -36,15 +36,17 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="output .npz")
     p.add_argument("--estimator", default=None, choices=emission.ESTIMATORS,
                    help="emission estimator (default: the run's evaluation.final_estimator, else the training one)")
-    p.add_argument("--num-t", type=int, default=None, help="t-draws per frame (default: the run's final_num_t)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences (images) per jitted call")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the emission draws")
+    p.add_argument("--num-t", type=common.at_least(1), default=None, help="t-draws per frame (default: the run's final_num_t)")
+    p.add_argument("--batch-size", type=common.at_least(1), default=None, help="sequences (images) per jitted call")
+    p.add_argument("--step", type=common.at_least(0), default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--seed", type=common.at_least(0), default=0, help="seed of the emission draws")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     output_dir = Path(args.output).resolve().parent
     if not output_dir.is_dir():
         common.fail(f"--output {args.output}: the folder {output_dir} does not exist")
+    if Path(args.output).is_dir():
+        common.fail(f"--output {args.output} is a folder; give the path of the .npz file to write")
     config, parts, state, metadata = run.load_run(args.workdir, args.step)
     state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)  # uncommitted: shares compilations
     k = config.em.num_classes
@@ -54,9 +56,9 @@ def main(argv=None):
     if tuple(event) != tuple(config.event_shape):
         common.fail(f"input frames have shape {tuple(event)}, the model was trained on {tuple(config.event_shape)}")
     final_estimator, final_num_t = run.evaluation.final_decoding(config)
-    num_t = args.num_t or final_num_t
+    num_t = final_num_t if args.num_t is None else args.num_t
     estimator = args.estimator or final_estimator
-    batch = args.batch_size or config.evaluation.batch_size * (1 if hmdm else 16)
+    batch = config.evaluation.batch_size * (1 if hmdm else 16) if args.batch_size is None else args.batch_size
     out = run.predict_states(config, parts, state, ds.images, ds.mask if hmdm else None, num_t=num_t,
                           batch_size=batch, key=jax.random.PRNGKey(args.seed), estimator=estimator,
                           progress=not args.no_progress)
@@ -72,7 +74,8 @@ def main(argv=None):
         mapping = np.asarray(mapping, np.int64).reshape(-1)[:k]
         mapping = np.concatenate([mapping, np.full(k - len(mapping), -1, np.int64)])
         result["labels"] = np.where(result["states"] >= 0, mapping[np.maximum(result["states"], 0)], -1).astype(np.int32)
-    np.savez(args.output, **result)
+    with open(args.output, "wb") as handle:  # a file object: np.savez would append ".npz" to another name
+        np.savez(handle, **result)
     print(f"wrote {args.output}: " + ", ".join(f"{n} {v.shape}" for n, v in result.items()))
     if np.any(ds.labels >= 0):
         scores = run.score_states(ds.labels, result["states"], k, mapping=mapping)

@@ -66,19 +66,19 @@ DIGITS_NLL_NOTE = ("scikit-learn's 8x8 digits have 17 grey levels, not 256: the 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the training run's directory (holds checkpoints/)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation draws (emissions, samples)")
+    p.add_argument("--step", type=common.at_least(0), default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--seed", type=common.at_least(0), default=0, help="seed of the evaluation draws (emissions, samples)")
     g = p.add_argument_group("accuracy")
-    g.add_argument("--num-t", type=int, default=None, help="t-draws per frame for decoding (default: the run's final_num_t)")
+    g.add_argument("--num-t", type=common.at_least(1), default=None, help="t-draws per frame for decoding (default: the run's final_num_t)")
     g.add_argument("--estimator", default=None, choices=emission.ESTIMATORS,
                    help="emission estimator for decoding (default: the run's loop.final_estimator, else the training one)")
-    g.add_argument("--batch-size", type=int, default=None, help="sequences (images) per decoding call")
-    g.add_argument("--accuracy-max-items", type=int, default=None,
+    g.add_argument("--batch-size", type=common.at_least(1), default=None, help="sequences (images) per decoding call")
+    g.add_argument("--accuracy-max-items", type=common.at_least(1), default=None,
                    help="decode at most this many held-out sequences (HMDM) / images (mixture) (default: all)")
     g = p.add_argument_group("NLL")
     g.add_argument("--nll-num-t", type=int, default=100,
                    help="G, ELBO terms on a grid of 1..T (default 100; 0 = the full T-term bound)")
-    g.add_argument("--nll-max-items", type=int, default=None,
+    g.add_argument("--nll-max-items", type=common.at_least(1), default=None,
                    help=f"sequences (HMDM, default {DEFAULT_NLL_ITEMS['hmdm']}) or images (mixture, default "
                         f"{DEFAULT_NLL_ITEMS['mixture']}) whose NLL is evaluated")
     g.add_argument("--nll-chunk", type=int, default=64, help="frames per ELBO call (bounds memory; default 64)")
@@ -203,8 +203,9 @@ def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tup
     k = config.num_classes
     hmdm = config.model_type == "hmdm"
     final_estimator, final_num_t = run.evaluation.final_decoding(config)
-    estimator, num_t = args.estimator or final_estimator, args.num_t or final_num_t
-    batch = args.batch_size or config.evaluation.batch_size * (1 if hmdm else 16)
+    estimator = args.estimator or final_estimator
+    num_t = final_num_t if args.num_t is None else args.num_t
+    batch = config.evaluation.batch_size * (1 if hmdm else 16) if args.batch_size is None else args.batch_size
     scored = data.heldout if hmdm else data.train
     n = len(scored.images) if args.accuracy_max_items is None else min(args.accuracy_max_items, len(scored.images))
     key = jax.random.PRNGKey(args.seed + 7)
@@ -288,7 +289,7 @@ def nll_section(args, config, parts, state, data: RunData) -> dict:
     T = parts.schedule.num_steps
     grid = None if args.nll_num_t == 0 or args.nll_num_t >= T else args.nll_num_t
     params = state.params if args.no_ema else state.ema_params
-    items = args.nll_max_items or DEFAULT_NLL_ITEMS[config.model_type]
+    items = DEFAULT_NLL_ITEMS[config.model_type] if args.nll_max_items is None else args.nll_max_items
     key = jax.random.PRNGKey(args.seed + 11)
     dims = int(np.prod(config.event_shape))
     if hmdm:

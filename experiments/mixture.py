@@ -41,6 +41,8 @@ def main(argv=None):
     if args.heldout_fraction > 0:
         pools = hdata.split_images(images, args.heldout_fraction, args.seed)
         images, heldout = pools.train, pools.heldout
+        if len(images.images) == 0:
+            common.fail(f"--heldout-fraction {args.heldout_fraction} holds out every image: nothing is left to train on")
     k = images.num_classes if args.num_classes is None else args.num_classes
     if k < 1:
         common.fail("cannot infer K from unlabelled data: pass --num-classes")
