@@ -1,7 +1,9 @@
 """The training and decoding scripts as a new user meets them: every bad input is one line
 ``error: ...`` on stderr with exit code 2 (no traceback), and nothing half-made is left behind."""
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,17 @@ TINY = ["--steps", "2", "--no-progress", "--no-figures", "--num-sequences", "6",
         "loop.log_every=1"]
 
 
+# A persistent XLA compilation cache shared by every script these tests run, in all xdist workers and sessions
+# (as tests/conftest.py's for the in-process tests): a run loads the steps compiled by an earlier one (a cache
+# key covers the program, the options and the JAX version, so an old entry is never a wrong one).
+_CACHE = os.environ.get("HMDM_TEST_COMPILATION_CACHE") or os.path.join(tempfile.gettempdir(), "hmdm_jax_cli_xla_cache")
+_ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def script(name, *args):
     return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=_ENV)
 
 
 def assert_input_error(proc, *fragments):
@@ -33,6 +43,7 @@ def assert_input_error(proc, *fragments):
     (["--num-classes", "-3"], "--num-classes: must be >= 1, got -3"),
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["--observed-labels", "2"], "error: --observed-labels must be in [0, 1], got 2.0"),
 ])
 def test_zero_and_negative_flags_are_refused_not_replaced(tmp_path, flags, message):
     proc = script("hmdm", "--workdir", tmp_path / "run", *flags)
@@ -56,6 +67,24 @@ def test_bad_config_values_are_one_line_errors_and_leave_no_workdir(tmp_path, ov
 def test_a_workdir_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_input_error(script("hmdm", "--workdir", tmp_path / "file", *TINY), "is not a directory")
+    assert_input_error(script("mixture", "--workdir", tmp_path / "file" / "run", "--steps", "2"),
+                       f"{tmp_path / 'file'} is a file, not a folder")
+
+
+@pytest.mark.parametrize("name, flags, message", [
+    ("decode", ["--num-t", "0"], "--num-t: must be >= 1, got 0"),
+    ("evaluate", ["--accuracy-max-items", "0"], "--accuracy-max-items: must be >= 1, got 0"),
+    ("evaluate", ["--seed", "-1"], "--seed: must be >= 0, got -1"),
+])
+def test_zero_and_negative_flags_of_decode_and_evaluate(tmp_path, name, flags, message):
+    extra = ["--input", tmp_path / "in.npz", "--output", tmp_path / "out.npz"] if name == "decode" else []
+    proc = script(name, "--workdir", tmp_path / "run", *extra, *flags)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
+def test_decode_output_that_is_a_folder(tmp_path):
+    proc = script("decode", "--workdir", tmp_path / "run", "--input", tmp_path / "in.npz", "--output", tmp_path)
+    assert_input_error(proc, "is a folder")
 
 
 def test_bad_npz_inputs_of_the_training_scripts(tmp_path):
@@ -73,24 +102,46 @@ def test_bad_npz_inputs_of_the_training_scripts(tmp_path):
     mix = script("mixture", "--workdir", tmp_path / "d", "--data", f"npz:{seqs}", "--steps", "2", "--no-figures")
     assert_input_error(mix, "holds sequences", "experiments/hmdm.py")
     assert "channels" not in mix.stderr
+    bare = tmp_path / "bare_seqs.npz"  # [N, n, H, W] without lengths or labels: not "8 channels"
+    np.savez(bare, images=np.zeros((4, 5, 8, 8), np.uint8))
+    mix = script("mixture", "--workdir", tmp_path / "e", "--data", f"npz:{bare}", "--steps", "2", "--no-figures")
+    assert_input_error(mix, "looks like a sequence file", "experiments/hmdm.py")
 
 
-def test_used_workdir_resume_overwrite_and_checkpoint_errors(tmp_path):
-    """One tiny run, then every way a user can misuse its workdir."""
+def checkpoints(workdir):
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def test_used_workdir_is_refused_and_overwrite_replaces_it(tmp_path):
     workdir = tmp_path / "run"
     first = script("hmdm", "--workdir", workdir, *TINY)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    assert checkpoints(workdir) == ["2"]
     again = script("hmdm", "--workdir", workdir, *TINY, "loop.train_steps=3")
     assert_input_error(again, "already holds a run", "--resume", "--overwrite")
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # the old run untouched
+    assert checkpoints(workdir) == ["2"]  # the old run untouched
+    replaced = script("hmdm", "--workdir", workdir, "--overwrite", *TINY, "loop.train_steps=3")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert checkpoints(workdir) == ["3"]  # only the new run's checkpoint
+    frames = tmp_path / "frames.npz"
+    np.savez(frames, images=np.zeros((2, 5, 8, 8), np.uint8))
+    decoded = script("decode", "--workdir", workdir, "--input", frames, "--output", tmp_path / "decoded", "--num-t", "1",
+                     "--no-progress")
+    assert decoded.returncode == 0, decoded.stderr[-2000:]
+    assert (tmp_path / "decoded").is_file() and not (tmp_path / "decoded.npz").exists()  # the path as given
+    assert np.load(tmp_path / "decoded")["states"].shape == (2, 5)
+
+
+def test_resume_says_its_step_and_checkpoint_errors_are_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    first = script("hmdm", "--workdir", workdir, *TINY)
+    assert first.returncode == 0, first.stderr[-3000:]
     resumed = script("hmdm", "--workdir", workdir, "--resume", *TINY[2:], "loop.train_steps=3")
     assert resumed.returncode == 0 and "resuming from step 2 of 3" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+    assert checkpoints(workdir) == ["2", "3"]
     assert_input_error(script("hmdm", "--workdir", tmp_path / "empty", "--resume", *TINY), "nothing to resume")
     other_k = script("hmdm", "--workdir", workdir, "--resume", "--num-classes", "4", *TINY[2:], "loop.train_steps=4")
     assert_input_error(other_k, "does not fit the current config")
-    replaced = script("hmdm", "--workdir", workdir, "--overwrite", *TINY)
-    assert replaced.returncode == 0, replaced.stderr[-2000:]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    assert checkpoints(workdir) == ["2", "3"]
     missing = script("decode", "--workdir", workdir, "--input", tmp_path / "x.npz", "--output", tmp_path / "no" / "out.npz")
-    assert_input_error(missing, "does not exist")
+    assert_input_error(missing, "does not exist")  # the output folder, checked before anything is decoded
