@@ -1,9 +1,9 @@
 """Classical baselines on the same frames and splits as the diffusion models: k-means, a Gaussian
-mixture, and a Gaussian HMM (hmmlearn).
+mixture, and a Gaussian HMM (:mod:`hmdm_jax.gaussian_hmm`).
 
 All three work on PCA-reduced frames: each frame ``[*frame]`` (e.g. ``[H, W, C]``) is flattened and
-projected on the top ``pca_dim`` principal components fitted on the *training* frames only (valid
-frames only for sequences). Choices, made to be fair and honest rather than tuned on test labels:
+projected on principal components fitted on the *training* frames only (valid frames only for
+sequences). Choices, made to be fair and honest rather than tuned on test labels:
 
 * k-means (k-means++, ``n_init=10``) on PCA-50: the projection keeps the Euclidean geometry that
   k-means uses almost unchanged (MNIST: 50 components carry ~83% of the variance) and is much faster
@@ -12,12 +12,16 @@ frames only for sequences). Choices, made to be fair and honest rather than tune
   O(1) for images in [−1, 1]) and k-means initialisation. Full covariances on raw pixels are
   degenerate (constant border pixels) and diagonal covariances ignore the pixel correlations
   that make a digit class; a low-dimensional full-covariance model is the standard compromise.
-* Gaussian HMM: the same emission model (full covariance, PCA-50) with a learned transition matrix,
-  fitted by EM (Baum–Welch; means and covariances initialised from k-means with 10 restarts)
-  on the training sequences with their lengths and decoded by Viterbi on the held-out sequences. Dirichlet pseudo-counts on the transition rows and initial distribution
-  (``transmat_prior = startprob_prior = 1 + pseudocount``) keep every row of ``transmat_`` a
-  distribution even when a state is never visited — the cause of hmmlearn's "rows of transmat_
-  must sum to 1" failure.
+* Gaussian HMM: :func:`hmdm_jax.gaussian_hmm.fit_gaussian_hmm`, the tuning a competent user does
+  without labels. Emissions are full-covariance Gaussians in ``d`` PCA coordinates times an
+  isotropic Gaussian on the discarded residual, a density on the whole frame space, so the
+  held-out likelihood of different ``d`` is comparable: ``d`` is chosen among candidates (default
+  5, 10, 20, 30, 50) by the log-likelihood of held-out *training* sequences, then the model is
+  refitted on all training sequences from several k-means initialisations (Baum–Welch) and the
+  restart with the highest training likelihood is kept; Viterbi decodes the test sequences.
+  Dirichlet pseudo-counts on the initial distribution and transition rows keep every row a
+  distribution even for a state never visited or never left. The result reports the chosen
+  ``pca_dim``, the held-out ``dim_scores`` and the ``restart_scores``, so the choices can be audited.
 
 Every baseline returns a JSON-ready dict:
 
@@ -30,7 +34,7 @@ Every baseline returns a JSON-ready dict:
 * ``method``, ``num_states``, ``pca_dim``, ``seed`` and method-specific settings; the HMM adds
   ``transmat`` ``[K, K]`` and ``startprob`` ``[K]`` in state order, plus ``transmat_matched``: the
   transition matrix reordered into class order with the test matching (NaN rows/columns for
-  classes with no state).
+  classes with no state), and its fit diagnostics (see :func:`gaussian_hmm_baseline`).
 
 Labels use ``-1`` for unknown/padding and are ignored in scoring.
 """
@@ -38,12 +42,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
+from hmdm_jax.gaussian_hmm import DEFAULT_PCA_DIMS, decode, fit_gaussian_hmm, log_likelihood
 from hmdm_jax.matching import (accuracy_with_mapping, class_usage,
                                        clustering_scores, matched_accuracy)
 
@@ -170,24 +176,6 @@ def gmm_baseline(train_frames, train_labels, test_frames, test_labels, K: int, s
     return result
 
 
-def _valid_frames(sequences, mask, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (frames of valid positions [M, D], lengths [N], mask [N, n]) checking padding-at-end."""
-    seq = np.asarray(sequences, np.float64)
-    m = np.asarray(mask)
-    if seq.ndim < 3:
-        raise ValueError(f"{name} must have shape [N, n, *frame], got {seq.shape}")
-    if m.dtype != bool or m.shape != seq.shape[:2]:
-        raise ValueError(f"{name} mask must be boolean with shape {seq.shape[:2]}, got {m.dtype} {m.shape}")
-    lengths = m.sum(axis=1)
-    if np.any(m != (np.arange(m.shape[1])[None, :] < lengths[:, None])):
-        raise ValueError(f"{name} mask must mark a prefix of each sequence (padding only at the end)")
-    keep = lengths > 0
-    frames = seq.reshape(seq.shape[0], seq.shape[1], -1)[m]
-    if not np.all(np.isfinite(frames)):
-        raise ValueError(f"{name} contain NaN or inf")
-    return frames, lengths[keep], m
-
-
 def matched_transition_matrix(transmat, mapping, num_classes: int) -> np.ndarray:
     """Reorders a learned state transition matrix into class order using a state→class matching.
 
@@ -212,91 +200,74 @@ def matched_transition_matrix(transmat, mapping, num_classes: int) -> np.ndarray
     return out
 
 
-def _kmeans_emission_init(x: np.ndarray, num_states: int, seed: int, covariance_type: str,
-                          min_covar: float) -> tuple[np.ndarray, np.ndarray]:
-    """Means ``[K, D]`` and covariances in hmmlearn's internal layout for ``covariance_type``."""
-    km = KMeans(n_clusters=num_states, n_init=10, random_state=seed).fit(x)
-    dim = x.shape[1]
-    global_cov = np.atleast_2d(np.cov(x, rowvar=False))
-    covs = np.empty((num_states, dim, dim))
-    for k in range(num_states):
-        members = x[km.labels_ == k]
-        cov = np.atleast_2d(np.cov(members, rowvar=False)) if members.shape[0] > dim else global_cov
-        covs[k] = cov + min_covar * np.eye(dim)
-    if covariance_type == "full":
-        return km.cluster_centers_, covs
-    if covariance_type == "diag":
-        return km.cluster_centers_, np.diagonal(covs, axis1=1, axis2=2).copy()
-    if covariance_type == "spherical":
-        return km.cluster_centers_, np.trace(covs, axis1=1, axis2=2) / dim
-    if covariance_type == "tied":
-        weights = np.bincount(km.labels_, minlength=num_states) / x.shape[0]
-        return km.cluster_centers_, np.einsum("k,kij->ij", weights, covs)
-    raise ValueError(f"covariance_type must be full, diag, spherical or tied, got {covariance_type!r}")
+def _sequence_labels(labels, mask: np.ndarray, name: str) -> np.ndarray:
+    """Labels ``[N, n]`` of the valid frames, flattened to ``[M]``."""
+    y = np.asarray(labels).astype(np.int64)
+    if y.shape != mask.shape:
+        raise ValueError(f"{name} {y.shape} must have the mask's shape {mask.shape}")
+    return y[mask]
 
 
 def gaussian_hmm_baseline(train_sequences, train_mask, test_sequences, test_mask, test_labels, K: int,
-                          seed: int = 0, train_labels=None, pca_dim: int | None = 50,
-                          covariance_type: str = "full", n_iter: int = 50, tol: float = 1e-2,
-                          pseudocount: float = 1e-2, min_covar: float = 1e-2) -> dict:
-    """Gaussian HMM (hmmlearn) on PCA-reduced frames: Baum–Welch on train, Viterbi on test.
+                          seed: int = 0, train_labels=None,
+                          pca_dim: int | Sequence[int] | None = DEFAULT_PCA_DIMS,
+                          covariance_type: str = "full", n_iter: int = 100, tol: float = 1e-4,
+                          pseudocount: float = 1e-2, reg_covar: float = 1e-3, num_restarts: int = 3,
+                          heldout_fraction: float = 0.2) -> dict:
+    """Gaussian HMM (:func:`hmdm_jax.gaussian_hmm.fit_gaussian_hmm`): Baum–Welch on train, Viterbi on test.
 
     Args:
       train_sequences: ``[N, n, *frame]``; train_mask: ``[N, n]`` bool (True = valid, padding at the end).
       test_sequences: ``[N', n', *frame]``; test_mask: ``[N', n']`` bool.
       test_labels: ``[N', n']`` int (``-1`` = unknown/padding).
-      K: number of hidden states. seed: random seed (PCA and hmmlearn's k-means initialisation).
-      train_labels: optional ``[N, n]`` int for the train-matched accuracy.
-      pca_dim: PCA components fitted on the valid training frames (None = raw features).
-      covariance_type: hmmlearn covariance type ("full", "diag", "spherical", "tied").
-      n_iter, tol: EM iterations and log-likelihood tolerance.
+      K: number of hidden states. seed: random seed (held-out split and k-means initialisations).
+      train_labels: optional ``[N, n]`` int for the train-matched accuracy (never used for fitting).
+      pca_dim: candidate PCA dimensions, chosen by held-out likelihood on the training sequences;
+        an int fixes ``d``; None = raw features (no PCA).
+      covariance_type: "full" or "diag" (in PCA coordinates).
+      n_iter, tol: maximum EM iterations and tolerance on the training log-likelihood per frame.
       pseudocount: Dirichlet pseudo-count added to every transition row and to the initial distribution.
-      min_covar: floor on covariance diagonals.
+      reg_covar: ridge on covariance diagonals, relative to the average per-dimension data variance.
+      num_restarts: k-means-initialised EM restarts; the one with the highest training likelihood is kept.
+      heldout_fraction: share of the training sequences held out to choose ``pca_dim``.
 
     Returns:
       the result dict of the module docstring (``method="gaussian_hmm"``) with ``transmat`` ``[K, K]``,
-      ``startprob`` ``[K]``, ``transmat_matched`` and ``converged``.
+      ``startprob`` ``[K]``, ``transmat_matched``, ``converged``, ``n_iter_run``, the chosen
+      ``pca_dim`` (None for raw features), ``candidate_dims``, ``dim_scores`` (``{str(d): held-out
+      log-likelihood per frame}``, empty without a choice), ``restart_scores`` and ``best_restart``,
+      ``train_log_likelihood_per_frame`` and ``test_log_likelihood_per_frame`` (full-space nats per
+      valid frame, comparable across ``pca_dim``), ``explained_variance_ratio``.
     """
-    from hmmlearn.hmm import GaussianHMM  # optional dependency: imported only when this baseline runs
-
-    if pseudocount <= 0:
-        raise ValueError(f"pseudocount must be > 0 to keep transition rows normalisable, got {pseudocount}")
     start = time.perf_counter()
-    train_x, train_len, train_m = _valid_frames(train_sequences, train_mask, "train_sequences")
-    test_x, test_len, test_m = _valid_frames(test_sequences, test_mask, "test_sequences")
-    test_y_full = np.asarray(test_labels).astype(np.int64)
-    if test_y_full.shape != test_m.shape:
-        raise ValueError(f"test_labels {test_y_full.shape} must have the mask's shape {test_m.shape}")
-    train_y = None
-    if train_labels is not None:
-        train_y_full = np.asarray(train_labels).astype(np.int64)
-        if train_y_full.shape != train_m.shape:
-            raise ValueError(f"train_labels {train_y_full.shape} must have the mask's shape {train_m.shape}")
-        train_y = train_y_full[train_m]
-    test_y = test_y_full[test_m]
-
-    pca = _fit_pca(train_x, pca_dim, seed)
-    train_p, test_p = _project(pca, train_x), _project(pca, test_x)
-    model = GaussianHMM(n_components=K, covariance_type=covariance_type, min_covar=min_covar,
-                        startprob_prior=1.0 + pseudocount, transmat_prior=1.0 + pseudocount,
-                        n_iter=n_iter, tol=tol, random_state=seed, algorithm="viterbi",
-                        implementation="log", init_params="st")
-    # Emissions start from a restarted k-means fit (means *and* within-cluster covariances).
-    # hmmlearn's default starts every state at the global data covariance, from which EM can slide
-    # into a poor optimum where two states alternate over a merged pair of clusters.
-    model.means_, model.covars_ = _kmeans_emission_init(train_p, K, seed, covariance_type, min_covar)
-    model.fit(train_p, lengths=train_len)
-    train_pred = model.predict(train_p, lengths=train_len)
-    test_pred = model.predict(test_p, lengths=test_len)
+    train_m = np.asarray(train_mask)
+    test_m = np.asarray(test_mask)
+    fit = fit_gaussian_hmm(train_sequences, train_m, K, pca_dims=pca_dim, num_restarts=num_restarts,
+                           num_iters=n_iter, tol=tol, heldout_fraction=heldout_fraction,
+                           covariance_type=covariance_type, reg_covar=reg_covar, pseudocount=pseudocount,
+                           seed=seed)
+    train_pred = decode(fit.model, train_sequences, train_m)[train_m]
+    test_pred = decode(fit.model, test_sequences, test_m)[test_m]
     wall = time.perf_counter() - start
+    test_ll = float(np.sum(log_likelihood(fit.model, test_sequences, test_m)) / test_m.sum())
+    test_y = _sequence_labels(test_labels, test_m, "test_labels")
+    train_y = None if train_labels is None else _sequence_labels(train_labels, train_m, "train_labels")
 
     num_classes = _num_classes(train_y, test_y)
-    result = {"method": "gaussian_hmm", "num_states": K, "pca_dim": None if pca is None else pca.n_components_,
+    transmat, startprob = np.exp(fit.model.log_A), np.exp(fit.model.log_pi)
+    result = {"method": "gaussian_hmm", "num_states": K, "pca_dim": None if pca_dim is None else fit.pca_dim,
               "seed": seed, "covariance_type": covariance_type, "pseudocount": pseudocount,
-              "converged": bool(model.monitor_.converged), "n_iter_run": int(model.monitor_.iter)}
+              "reg_covar": reg_covar, "num_restarts": num_restarts,
+              "candidate_dims": None if pca_dim is None else list(fit.candidate_dims),
+              "dim_scores": {str(d): v for d, v in fit.dim_scores.items()},
+              "restart_scores": list(fit.restart_scores), "best_restart": fit.best_restart,
+              "train_log_likelihood_per_frame": fit.log_likelihood_per_frame,
+              "test_log_likelihood_per_frame": test_ll,
+              "explained_variance_ratio": fit.explained_variance_ratio,
+              "converged": bool(fit.converged), "n_iter_run": int(fit.num_iters_run)}
     _scores(result, train_y, train_pred, test_y, test_pred, K, num_classes)
-    result["transmat"] = model.transmat_.tolist()
-    result["startprob"] = model.startprob_.tolist()
-    result["transmat_matched"] = matched_transition_matrix(model.transmat_, result["mapping"], num_classes).tolist()
+    result["transmat"] = transmat.tolist()
+    result["startprob"] = startprob.tolist()
+    result["transmat_matched"] = matched_transition_matrix(transmat, result["mapping"], num_classes).tolist()
     result["wall_time_s"] = wall
     return result
