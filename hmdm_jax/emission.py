@@ -106,7 +106,7 @@ from hmdm_jax.diffusion import Schedule
 
 __all__ = [
     "band_steps", "clamp_to_labels", "class_log_posterior", "DECODERS", "DEFAULT_EPS_MSE_BAND",
-    "default_t_range", "elbo_grid", "elbo_terms", "ElboTerms", "EMISSION_STATIC_ARGNAMES",
+    "default_t_range", "elbo_grid", "elbo_terms", "ElboTerms", "EMISSION_STATIC_ARGNAMES", "eps_all_classes",
     "Estimator", "EstimatorRegistry", "FIRST_STEP_BAND", "FULL_BAND", "get_estimator",
     "log_emission", "make_log_emission", "observation_keys", "resolve_num_draws",
 ]
@@ -341,8 +341,19 @@ def _check_inputs(schedule, y, num_classes, estimator, num_t, t_range, variance,
 # Network evaluation shared by every estimator
 # ----------------------------------------------------------------------------------------------
 
-def _eps_all_classes(eps_fn, params, z, t, num_classes):
-    """ε_θ(z, t, k) for k = 0..K−1 on the same inputs: ``[K, N, *event]`` (vmap over the class)."""
+def eps_all_classes(eps_fn: EpsFn, params, z: Array, t: Array, num_classes: int) -> Array:
+    """ε_θ(z, t, k) for k = 0..K−1 on the same inputs ``z [N, *event]``, ``t [N]``: ``[K, N, *event]``.
+
+    The one way the library scores every class. When ``eps_fn`` offers a one-pass form
+    (``eps_fn.all_classes(params, z, t) -> [K', N, *event]`` with ``eps_fn.num_classes = K' >= K``, as
+    :func:`hmdm_jax.models.make_eps_fn` gives for a network with class heads), that single pass is used;
+    otherwise (any plain 4-argument function) ``eps_fn`` is vmapped over the K classes.
+    """
+    all_classes = getattr(eps_fn, "all_classes", None)
+    offered = getattr(eps_fn, "num_classes", None)
+    if all_classes is not None and offered is not None and num_classes <= offered:
+        eps = all_classes(params, z, t)
+        return eps if num_classes == offered else eps[:num_classes]
     n = z.shape[0]
 
     def one_class(k):
@@ -421,7 +432,7 @@ def _density_scores(eps_fn, params, schedule, y, keys, *, num_classes, num_t, t_
     # The paper's two-stage draw: z_{t−1} ~ q(z_{t−1} | y), then z_t ~ q(z_t | z_{t−1}); z_0 = y.
     z_prev = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y_rep, t - 1, eps)
     z_t = _vmap_examples(diffusion.q_step, None, 0, 0, 0)(schedule, z_prev, t, eps_star)
-    eps_hat = _eps_all_classes(eps_fn, params, z_t, t, num_classes)  # [K, b·n, *event]
+    eps_hat = eps_all_classes(eps_fn, params, z_t, t, num_classes)  # [K, b·n, *event]
 
     def score(z_prev_i, z_t_i, t_i, y_i, eps_hat_i):
         dist = diffusion.p_reverse(schedule, z_t_i, t_i, eps_hat_i, variance)
@@ -443,7 +454,7 @@ def _eps_errors(eps_fn, params, schedule, y, keys, num_classes, num_draws, t_min
     t, eps = flat(t), flat(eps)
     y_rep = flat(jnp.broadcast_to(y[:, None], (b, num_draws) + event))
     z_t = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y_rep, t, eps)
-    eps_hat = _eps_all_classes(eps_fn, params, z_t, t, num_classes)  # [K, b·n, *event]
+    eps_hat = eps_all_classes(eps_fn, params, z_t, t, num_classes)  # [K, b·n, *event]
     return t, jnp.sum(jnp.square(eps[None] - eps_hat).reshape(num_classes, b * num_draws, -1), axis=-1)
 
 
@@ -476,7 +487,7 @@ def _elbo_chunk(eps_fn, params, schedule, y, keys, t_values, *, num_classes, var
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), event, jnp.float32))(keys)
         t_vec = jnp.full((b,), t, jnp.int32)
         z_t = _vmap_examples(diffusion.q_sample, None, 0, 0, 0)(schedule, y, t_vec, noise)
-        eps_hat = _eps_all_classes(eps_fn, params, z_t, t_vec, num_classes)  # [K, b, *event]
+        eps_hat = eps_all_classes(eps_fn, params, z_t, t_vec, num_classes)  # [K, b, *event]
         t_kl = jnp.maximum(t, 2)  # q(z_0 | z_1, y) is a point mass; keep the unused branch finite
 
         def score(y_i, z_t_i, eps_hat_i):

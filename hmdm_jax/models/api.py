@@ -6,10 +6,16 @@ Typical use::
     params = init_params(jax.random.key(0), model, (28, 28, 1))
     eps_fn = make_eps_fn(model)                 # eps_fn(params, z_t, t, k), deterministic
     train_eps_fn = make_train_eps_fn(model)     # train_eps_fn(dropout_key, params, z_t, t, k)
-    eps_fn_step = functools.partial(train_eps_fn, dropout_key)   # 4-argument form for one step
+    eps_fn_step = train_eps_fn.bind(dropout_key)   # 4-argument form for one step
+
+Both are :class:`EpsFn`-style objects: plain 4- (5-) argument callables that also carry
+``all_classes``, every class's ε from one network pass when the network has class heads
+(``ModelConfig.class_heads="multi_head"``), else None. ``emission.eps_all_classes`` uses it when there,
+and vmaps the 4-argument call over the classes otherwise (any plain function keeps working).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -23,13 +29,57 @@ from .mlp import MLP
 from .unet import UNet
 
 __all__ = [
-    "build_model", "check_params_fit", "init_params", "make_eps_fn", "make_train_eps_fn",
-    "param_count", "param_shapes", "param_table",
+    "build_model", "check_params_fit", "EpsFn", "init_params", "make_eps_fn", "make_train_eps_fn",
+    "param_count", "param_shapes", "param_table", "TrainEpsFn",
 ]
 
 Array = jax.Array
 Params = Mapping[str, object]
-EpsFn = Callable[[Params, Array, Array, Array], Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsFn:
+    """An ε-network as the core's pure function, with its one-pass all-classes form when it has one.
+
+    ``eps_fn(params, z_t [B, *event], t [B], k [B]) -> [B, *event]`` is the call every caller makes;
+    ``all_classes(params, z_t, t) -> [K, B, *event]`` gives ε for every real class k = 0..K−1 at once
+    (``None`` when the network has no one-pass form, and callers fall back to K calls). Hashed by
+    identity, like a plain function, so it can be a static argument of ``jax.jit``.
+
+    Wrap your own functions the same way: ``EpsFn(fn, num_classes=K, all_classes=fn_all)``.
+
+    Attributes:
+      fn: ``(params, z_t, t, k) -> [B, *event]``.
+      num_classes: K, the classes ``all_classes`` returns (None when unknown).
+      all_classes: ``(params, z_t, t) -> [K, B, *event]`` or None.
+    """
+
+    fn: Callable[[Params, Array, Array, Array], Array]
+    num_classes: int | None = None
+    all_classes: Callable[[Params, Array, Array], Array] | None = None
+
+    def __call__(self, params: Params, z_t: Array, t: Array, k: Array) -> Array:
+        return self.fn(params, z_t, t, k)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainEpsFn:
+    """The dropout-on ε-network: ``train_eps_fn(dropout_key, params, z_t, t, k)``, with the same
+    ``all_classes(dropout_key, params, z_t, t)`` (or None) and ``bind(dropout_key)``, the 4-argument
+    :class:`EpsFn` of one step (it keeps the all-classes form, which ``functools.partial`` would hide).
+    """
+
+    fn: Callable[..., Array]
+    num_classes: int | None = None
+    all_classes: Callable[..., Array] | None = None
+
+    def __call__(self, dropout_key: Array, params: Params, z_t: Array, t: Array, k: Array) -> Array:
+        return self.fn(dropout_key, params, z_t, t, k)
+
+    def bind(self, dropout_key: Array) -> EpsFn:
+        """The :class:`EpsFn` with ``dropout_key`` fixed (a new object per call: split a key per step)."""
+        all_classes = None if self.all_classes is None else functools.partial(self.all_classes, dropout_key)
+        return EpsFn(functools.partial(self.fn, dropout_key), self.num_classes, all_classes)
 
 
 def build_model(config: ModelConfig | str, num_classes: int) -> nn.Module:
@@ -138,8 +188,9 @@ def check_params_fit(model: nn.Module, params: Params, z_t: Array) -> None:
     """Raise ValueError if ``params`` cannot have been initialised for ``model`` on events like ``z_t``.
 
     Checks (statically, so it costs nothing under jit): ``params`` is the inner ``params`` collection,
-    the class table has ``num_classes + 1`` rows, and the channel count (U-Net) or flattened size (MLP)
-    of ``z_t`` matches the one the parameters were built for.
+    the class table (``class_heads="embedding"``) or the heads (``"multi_head"``) have
+    ``num_classes + 1`` rows, and the channel count (U-Net) or flattened size (MLP) of ``z_t`` matches
+    the one the parameters were built for.
     """
     if not isinstance(params, Mapping) or "cond" not in params:
         if isinstance(params, Mapping) and "params" in params:
@@ -147,11 +198,22 @@ def check_params_fit(model: nn.Module, params: Params, z_t: Array) -> None:
                              "variables dict {'params': ...}")
         raise ValueError("params do not look like the parameters of an hmdm_jax ε-network "
                          "(no 'cond' entry); build them with init_params")
-    rows = jnp.shape(params["cond"]["class_embed"])[0]
-    if rows != model.num_classes + 1:
-        raise ValueError(f"params have a class table of {rows} rows (K = {rows - 1}) but the model "
-                         f"has num_classes = {model.num_classes} (K + 1 = {model.num_classes + 1} rows)")
     shape = jnp.shape(z_t)
+    multi_head = model.config.class_heads == "multi_head"
+    if multi_head == ("class_embed" in params["cond"]):
+        have, want = ("a class table", "class heads") if multi_head else ("class heads", "a class table")
+        raise ValueError(f"params have {have} but the model (class_heads={model.config.class_heads!r}) "
+                         f"has {want}; initialise them for this model")
+    if not multi_head:
+        rows, what = jnp.shape(params["cond"]["class_embed"])[0], "a class table of"
+    elif isinstance(model, UNet):
+        channels = shape[-1] if len(shape) == 4 else 1
+        rows, what = jnp.shape(params["conv_out"]["kernel"])[-1] // max(channels, 1), "output heads for"
+    else:
+        rows, what = jnp.shape(params["out_heads"]["bias"])[0], "output heads for"
+    if rows != model.num_classes + 1:
+        raise ValueError(f"params have {what} {rows} rows (K = {rows - 1}) but the model "
+                         f"has num_classes = {model.num_classes} (K + 1 = {model.num_classes + 1} rows)")
     if isinstance(model, UNet):
         if len(shape) != 4:
             raise ValueError(f"the U-Net takes images z_t of shape [B, H, W, C], got shape {shape}")
@@ -166,35 +228,53 @@ def check_params_fit(model: nn.Module, params: Params, z_t: Array) -> None:
                              f"were initialised for D = {dim}")
 
 
+def _has_heads(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "class_heads", "embedding") == "multi_head"
+
+
 def make_eps_fn(model: nn.Module) -> EpsFn:
     """The deterministic (dropout off) ε-network as the core's pure function.
 
     Returns:
-      ``eps_fn(params, z_t, t, k) -> eps`` with ``z_t: [B, *event]`` float32, ``t: [B]`` int32 in 1..T,
-      ``k: [B]`` int32 in 0..K (K = null class); ``eps: [B, *event]`` float32. jit- and vmap-safe.
+      an :class:`EpsFn`: ``eps_fn(params, z_t, t, k) -> eps`` with ``z_t: [B, *event]`` float32,
+      ``t: [B]`` int32 in 1..T, ``k: [B]`` int32 in 0..K (K = null class); ``eps: [B, *event]`` float32.
+      With class heads, ``eps_fn.all_classes(params, z_t, t) -> [K, B, *event]`` (one trunk pass; equal
+      to stacking ``eps_fn(params, z_t, t, full(k))`` over k), else ``eps_fn.all_classes`` is None.
+      jit- and vmap-safe.
     """
 
     def eps_fn(params: Params, z_t: Array, t: Array, k: Array) -> Array:
         check_params_fit(model, params, z_t)
         return model.apply({"params": params}, z_t, t, k, train=False)
 
-    return eps_fn
+    def all_classes(params: Params, z_t: Array, t: Array) -> Array:
+        check_params_fit(model, params, z_t)
+        return jnp.moveaxis(model.apply({"params": params}, z_t, t, None, train=False), 1, 0)
+
+    return EpsFn(eps_fn, model.num_classes, all_classes if _has_heads(model) else None)
 
 
-def make_train_eps_fn(model: nn.Module) -> Callable[..., Array]:
+def make_train_eps_fn(model: nn.Module) -> TrainEpsFn:
     """The ε-network with dropout on (``config.dropout``), for training.
 
     Returns:
-      ``train_eps_fn(dropout_key, params, z_t, t, k) -> eps`` (shapes as in :func:`make_eps_fn`).
-      ``functools.partial(train_eps_fn, dropout_key)`` is an ``eps_fn`` of the usual 4-argument form;
-      split a fresh ``dropout_key`` each step. With ``dropout == 0`` it equals ``eps_fn`` exactly.
+      a :class:`TrainEpsFn`: ``train_eps_fn(dropout_key, params, z_t, t, k) -> eps`` (shapes as in
+      :func:`make_eps_fn`) and ``train_eps_fn.all_classes(dropout_key, params, z_t, t)`` (or None).
+      ``train_eps_fn.bind(dropout_key)`` is an ``eps_fn`` of the usual 4-argument form (so is
+      ``functools.partial(train_eps_fn, dropout_key)``, without the one-pass form); split a fresh
+      ``dropout_key`` each step. With ``dropout == 0`` it equals ``eps_fn`` exactly.
     """
 
     def train_eps_fn(dropout_key: Array, params: Params, z_t: Array, t: Array, k: Array) -> Array:
         check_params_fit(model, params, z_t)
         return model.apply({"params": params}, z_t, t, k, train=True, rngs={"dropout": dropout_key})
 
-    return train_eps_fn
+    def all_classes(dropout_key: Array, params: Params, z_t: Array, t: Array) -> Array:
+        check_params_fit(model, params, z_t)
+        out = model.apply({"params": params}, z_t, t, None, train=True, rngs={"dropout": dropout_key})
+        return jnp.moveaxis(out, 1, 0)
+
+    return TrainEpsFn(train_eps_fn, model.num_classes, all_classes if _has_heads(model) else None)
 
 
 def param_table(num_classes: int = 10, names: Sequence[str] = PRESET_NAMES) -> str:
@@ -213,6 +293,8 @@ def param_table(num_classes: int = 10, names: Sequence[str] = PRESET_NAMES) -> s
             layout = (f"width {cfg.mlp_width}, depth {cfg.mlp_depth}"
                       f"{', residual' if cfg.mlp_residual else ''}"
                       f"{' + LayerNorm' if cfg.mlp_layernorm and cfg.mlp_residual else ''}")
+        if cfg.class_heads != "embedding":
+            layout += f", {cfg.class_heads}"
         shape_str = "×".join(str(d) for d in shape)
         lines.append(f"| `{name}` | {cfg.kind} | {shape_str} | {layout} | {count:,} |")
     return "\n".join(lines)

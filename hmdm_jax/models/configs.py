@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 __all__ = [
-    "get_model_config", "KINDS", "ModelConfig", "PRESET_NAMES",
+    "CLASS_HEADS", "get_model_config", "KINDS", "ModelConfig", "PRESET_NAMES",
 ]
 
 KINDS = ("unet", "mlp")
+CLASS_HEADS = ("embedding", "multi_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,14 @@ class ModelConfig:
       mlp_input_skip: add a linear map of z_t to the output. Needed when ``mlp_width`` is below the data
         dimension D: at large t, ε ≈ z_t / √(1 − ᾱ_t) has D free directions that a narrower hidden layer
         cannot carry (measured on 28×28 MNIST, width 256: the ε-loss stalls at ≈ 1 − 256/784).
+      class_heads: where the class enters. ``"embedding"``: a learned class row is added to the time
+        embedding that conditions every block, so scoring K classes takes K passes of the whole network.
+        ``"multi_head"``: the trunk sees (z_t, t) only and the last layer (the MLP's output projection,
+        the U-Net's output conv) has K + 1 heads, one per class and one for the null class (its own head,
+        so classifier-free guidance and label dropout still work); one trunk pass then gives ε for every
+        class (``models.make_eps_fn(model).all_classes``), the multi-head form of the Robust Diffusion
+        Classifier (Chen et al., ICML 2024). The class can then change ε only through a linear map of
+        shared features.
     """
 
     kind: str = "unet"
@@ -64,6 +73,7 @@ class ModelConfig:
     mlp_residual: bool = True
     mlp_layernorm: bool = True
     mlp_input_skip: bool = False
+    class_heads: str = "embedding"
 
     def __post_init__(self):
         # Lists are accepted for convenience but stored as tuples so that the config stays hashable.
@@ -71,6 +81,8 @@ class ModelConfig:
         object.__setattr__(self, "attention_levels", tuple(int(a) for a in self.attention_levels))
         if self.kind not in KINDS:
             raise ValueError(f"ModelConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.class_heads not in CLASS_HEADS:
+            raise ValueError(f"ModelConfig.class_heads must be one of {CLASS_HEADS}, got {self.class_heads!r}")
         if self.dropout < 0.0 or self.dropout >= 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.time_embed_dim < 0 or self.time_embed_dim % 2:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "ConditioningEmbedding", "num_groups_for", "sinusoidal_embedding",
+    "ConditioningEmbedding", "num_groups_for", "select_class", "sinusoidal_embedding",
 ]
 
 Array = jax.Array
@@ -52,13 +52,16 @@ class ConditioningEmbedding(nn.Module):
     Attributes:
       dim: output width.
       num_classes: K, the number of real classes.
+      class_conditioned: add the class row. False for the trunk of a multi-head network, which sees t
+        only (its class heads carry the class); it then has no class table and ignores ``k``.
     """
 
     dim: int
     num_classes: int
+    class_conditioned: bool = True
 
     @nn.compact
-    def __call__(self, t: Array, k: Array) -> Array:
+    def __call__(self, t: Array, k: Array | None) -> Array:
         """``t``: ``[B]`` int or float times; ``k``: ``[B]`` int32 in ``0..num_classes``. Returns ``[B, dim]``.
 
         An out-of-range ``k`` (including ``-1``, the "unknown label" of the data convention) gives NaN
@@ -67,9 +70,24 @@ class ConditioningEmbedding(nn.Module):
         temb = sinusoidal_embedding(t, self.dim)
         temb = nn.Dense(self.dim, name="time_dense_0")(temb)
         temb = nn.Dense(self.dim, name="time_dense_1")(nn.silu(temb))
+        if not self.class_conditioned:
+            return temb
         table = self.param("class_embed", nn.initializers.normal(stddev=1.0),
                            (self.num_classes + 1, self.dim), jnp.float32)
         k = jnp.asarray(k, jnp.int32)
         in_range = (k >= 0) & (k <= self.num_classes)
         cemb = jnp.where(in_range[:, None], table[jnp.clip(k, 0, self.num_classes)], jnp.nan)
         return temb + cemb
+
+
+def select_class(k: Array, num_classes: int, heads: Array) -> Array:
+    """Row ``k[b]`` of ``heads[b]`` for each b: ``heads [B, K + 1, ...]``, ``k [B]`` → ``[B, ...]``.
+
+    The multi-head networks' way to pick one class's prediction out of all of them. Like the class
+    table, an out-of-range ``k`` (e.g. −1, an unknown label) gives NaN instead of wrapping around.
+    """
+    k = jnp.asarray(k, jnp.int32)
+    in_range = (k >= 0) & (k <= num_classes)
+    index = jnp.clip(k, 0, num_classes).reshape((-1,) + (1,) * (heads.ndim - 1))
+    picked = jnp.take_along_axis(heads, index, axis=1)[:, 0]
+    return jnp.where(in_range.reshape((-1,) + (1,) * (picked.ndim - 1)), picked, jnp.nan)

@@ -4,7 +4,9 @@ Down path: a 3×3 input conv, then per level ``num_res_blocks`` residual blocks 
 followed by self-attention) and, except at the last level, a stride-2 3×3 conv. Middle: residual
 block, optional attention, residual block. Up path: per level ``num_res_blocks + 1`` residual blocks
 on the concatenation with the matching skip, and a nearest ×2 upsample + 3×3 conv except at level 0.
-Output: GroupNorm, SiLU, 3×3 conv to C channels (zero-initialised by default).
+Output: GroupNorm, SiLU, 3×3 conv to C channels (zero-initialised by default). With
+``class_heads="multi_head"`` the blocks see the time embedding alone and the output conv has
+(K + 1)·C channels, C per class and C for the null class: one pass gives every class's ε.
 
 Every normalisation is per example (GroupNorm, attention over the H·W positions of one example), so
 the leading axis is a true batch axis and the network commutes with ``jax.vmap``.
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .configs import ModelConfig
-from .layers import ConditioningEmbedding, num_groups_for
+from .layers import ConditioningEmbedding, num_groups_for, select_class
 
 __all__ = [
     "AttentionBlock", "check_batch_conditioning", "check_image_input", "ResBlock", "UNet",
@@ -93,22 +95,27 @@ class UNet(nn.Module):
     num_classes: int
 
     @nn.compact
-    def __call__(self, z_t: Array, t: Array, k: Array, train: bool = False) -> Array:
-        """ε_θ(z_t, t, k).
+    def __call__(self, z_t: Array, t: Array, k: Array | None, train: bool = False) -> Array:
+        """ε_θ(z_t, t, k), or with ``k=None`` ε_θ(z_t, t, k) for every real class k (multi-head only).
 
         Args:
           z_t: ``[B, H, W, C]`` float32 noisy images; H and W divisible by ``config.spatial_divisor``.
           t: ``[B]`` int32 diffusion times in 1..T (embedded as floats; float t is accepted too).
-          k: ``[B]`` int32 classes in 0..K (K = null class).
+          k: ``[B]`` int32 classes in 0..K (K = null class), or None: all classes 0..K−1 from one trunk
+            pass (needs ``config.class_heads == "multi_head"``).
           train: enable dropout (needs a ``"dropout"`` rng when ``config.dropout > 0``).
 
         Returns:
-          ``[B, H, W, C]`` float32 predicted noise.
+          ``[B, H, W, C]`` float32 predicted noise; with ``k=None``, ``[B, K, H, W, C]``.
         """
         cfg = self.config
-        check_image_input(cfg, z_t, t, k)
+        multi_head = cfg.class_heads == "multi_head"
+        if k is None and not multi_head:
+            raise ValueError("all classes in one pass (k=None) needs class_heads='multi_head'")
+        check_image_input(cfg, z_t, t, jnp.zeros(jnp.shape(z_t)[:1], jnp.int32) if k is None else k)
         out_channels = z_t.shape[-1]
-        emb = ConditioningEmbedding(cfg.embed_dim, self.num_classes, name="cond")(t, k)
+        emb = ConditioningEmbedding(cfg.embed_dim, self.num_classes, class_conditioned=not multi_head,
+                                    name="cond")(t, k)
 
         def res_block(width: int):
             return ResBlock(width, max_groups=cfg.max_groups, dropout=cfg.dropout)
@@ -150,7 +157,15 @@ class UNet(nn.Module):
         h = nn.silu(_group_norm(h.shape[-1], cfg.max_groups, name="norm_out")(h))
         kernel_init = (nn.initializers.zeros if cfg.zero_init_output
                        else nn.initializers.lecun_normal())
-        return nn.Conv(out_channels, (3, 3), kernel_init=kernel_init, name="conv_out")(h)
+        if not multi_head:
+            return nn.Conv(out_channels, (3, 3), kernel_init=kernel_init, name="conv_out")(h)
+        # K + 1 heads in one conv: output channels grouped by class, [..., (K + 1)·C] → [..., K + 1, C]
+        heads = self.num_classes + 1
+        out = nn.Conv(heads * out_channels, (3, 3), kernel_init=kernel_init, name="conv_out")(h)
+        out = jnp.moveaxis(out.reshape(out.shape[:-1] + (heads, out_channels)), 3, 1)  # [B, K + 1, H, W, C]
+        if k is None:
+            return out[:, :self.num_classes]
+        return select_class(k, self.num_classes, out)
 
 
 def check_batch_conditioning(batch: int, t: Array, k: Array) -> None:

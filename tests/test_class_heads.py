@@ -1,0 +1,227 @@
+"""Multi-head ε-networks (``ModelConfig.class_heads="multi_head"``): every class's ε from one pass.
+
+The one-pass form ``eps_fn.all_classes(params, z_t, t) -> [K, B, *event]`` must equal stacking the
+4-argument call over the classes, and every K-class scorer (``emission.eps_all_classes``, hence
+``log_emission`` and the train steps) must give the same scores with it as with the vmapped fallback.
+Tiny networks, tests' own jits at XLA backend optimisation level 0 (fast to compile).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hmdm_jax import diffusion, emission, hmdm, models
+from hmdm_jax.em import EMConfig
+from hmdm_jax.state import create_train_state
+
+K = 3  # real classes; index K is the null class
+B = 4
+MLP_CFG = models.ModelConfig(kind="mlp", mlp_width=32, mlp_depth=2, mlp_input_skip=True,
+                             zero_init_output=False, class_heads="multi_head")
+UNET_CFG = models.ModelConfig(kind="unet", base_width=8, channel_mults=(1, 2), num_res_blocks=1,
+                              mid_attention=True, zero_init_output=False, class_heads="multi_head")
+EVENTS = {"mlp": (2, 3), "unet": (8, 8, 2)}  # a non-flat MLP event; two channels for the heads' grouping
+TIMES = jnp.array([1, 10, 500, 1000], jnp.int32)
+
+
+def jit(fn, **kwargs):
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(kind: str):
+    cfg = MLP_CFG if kind == "mlp" else UNET_CFG
+    model = models.build_model(cfg, K)
+    params = models.init_params(jax.random.key(0), model, EVENTS[kind])
+    # Non-zero, class-distinct heads and biases: perturb every leaf a little.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    z = jax.random.normal(jax.random.key(2), (B, *EVENTS[kind]))
+    return model, params, models.make_eps_fn(model), z
+
+
+def stacked(eps_fn, params, z, t):
+    return jnp.stack([eps_fn(params, z, t, jnp.full((z.shape[0],), k, jnp.int32)) for k in range(K)])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_all_classes_equals_stacking_every_class(kind):
+    model, params, eps_fn, z = setup(kind)
+    assert isinstance(eps_fn, models.EpsFn) and eps_fn.num_classes == K
+    all_eps = jit(eps_fn.all_classes)(params, z, TIMES)
+    assert all_eps.shape == (K, B, *EVENTS[kind]) and all_eps.dtype == jnp.float32
+    per_class = jit(functools.partial(stacked, eps_fn))(params, z, TIMES)
+    np.testing.assert_allclose(all_eps, per_class, rtol=1e-5, atol=1e-5)
+    # the heads differ: the class matters
+    assert float(jnp.abs(all_eps[0] - all_eps[1]).max()) > 1e-3
+    # eager equals jit
+    np.testing.assert_allclose(eps_fn.all_classes(params, z, TIMES), all_eps, rtol=1e-5, atol=1e-5)
+    # a mixed-class batch picks each example's own head
+    k = jnp.array([2, 0, 1, 0], jnp.int32)
+    mixed = jit(eps_fn)(params, z, TIMES, k)
+    np.testing.assert_allclose(mixed, all_eps[k, jnp.arange(B)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_null_class_has_its_own_head(kind):
+    """k = K goes through head K only: bumping head K changes exactly the k = K examples, and the
+    real classes' one-pass output does not include it."""
+    model, params, eps_fn, z = setup(kind)
+    k = jnp.array([0, K, 1, K], jnp.int32)
+    base = jit(eps_fn)(params, z, TIMES, k)
+    if kind == "mlp":
+        bumped = {**params, "out_heads": {**params["out_heads"],
+                                          "bias": params["out_heads"]["bias"].at[K].add(1.0)}}
+    else:
+        channels = EVENTS[kind][-1]
+        bias = params["conv_out"]["bias"].at[K * channels:(K + 1) * channels].add(1.0)
+        bumped = {**params, "conv_out": {**params["conv_out"], "bias": bias}}
+    out = jit(eps_fn)(bumped, z, TIMES, k)
+    changed = jnp.abs(out - base).reshape(B, -1).max(axis=1) > 1e-3
+    np.testing.assert_array_equal(np.asarray(changed), np.asarray(k == K))
+    np.testing.assert_allclose(jit(eps_fn.all_classes)(bumped, z, TIMES),
+                               jit(eps_fn.all_classes)(params, z, TIMES), rtol=1e-6, atol=1e-6)
+    assert bool(jnp.all(jnp.isnan(eps_fn(params, z, TIMES, jnp.array([-1, 0, K + 1, 1])).reshape(B, -1)[
+        jnp.array([0, 2])])))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_vmap_over_examples_equals_the_batch(kind):
+    model, params, eps_fn, z = setup(kind)
+    together = jit(eps_fn.all_classes)(params, z, TIMES)
+    single = jit(jax.vmap(lambda zz, tt: eps_fn.all_classes(params, zz[None], tt[None])[:, 0]))(z, TIMES)
+    np.testing.assert_allclose(jnp.moveaxis(single, 0, 1), together, rtol=1e-5, atol=1e-5)
+
+
+def _head_norms(kind, grads):
+    if kind == "mlp":
+        heads = grads["out_heads"]
+        per_head = jnp.sqrt(jnp.sum(heads["kernel"] ** 2, axis=(0, 2)) + jnp.sum(heads["bias"] ** 2, axis=1))
+        trunk = {n: g for n, g in grads.items() if n != "out_heads"}
+    else:
+        channels = EVENTS[kind][-1]
+        kernel = grads["conv_out"]["kernel"].reshape(3, 3, -1, K + 1, channels)
+        bias = grads["conv_out"]["bias"].reshape(K + 1, channels)
+        per_head = jnp.sqrt(jnp.sum(kernel ** 2, axis=(0, 1, 2, 4)) + jnp.sum(bias ** 2, axis=1))
+        trunk = {n: g for n, g in grads.items() if n != "conv_out"}
+    return per_head, trunk
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_gradient_reaches_the_trunk_and_only_the_selected_head(kind):
+    model, params, eps_fn, z = setup(kind)
+    noise = jax.random.normal(jax.random.key(5), z.shape)
+    for k, used in ((jnp.full((B,), 1, jnp.int32), {1}), (jnp.array([0, 0, K, K], jnp.int32), {0, K})):
+        loss = lambda p: jnp.mean((eps_fn(p, z, TIMES, k) - noise) ** 2)  # noqa: E731
+        grads = jit(jax.grad(loss))(params)
+        per_head, trunk = _head_norms(kind, grads)
+        for head in range(K + 1):
+            assert (float(per_head[head]) > 0.0) == (head in used), (head, per_head)
+        dead = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(trunk)
+                if float(jnp.linalg.norm(g)) == 0.0]
+        assert not dead, dead
+
+
+def test_train_eps_fn_all_classes_and_bind():
+    cfg = dataclasses.replace(MLP_CFG, dropout=0.3)
+    model = models.build_model(cfg, K)
+    _, params, _, z = setup("mlp")
+    train_eps_fn = models.make_train_eps_fn(model)
+    key = jax.random.key(7)
+    all_eps = jit(train_eps_fn.all_classes)(key, params, z, TIMES)
+    per_class = jit(lambda p: stacked(functools.partial(train_eps_fn, key), p, z, TIMES))(params)
+    np.testing.assert_allclose(all_eps, per_class, rtol=1e-5, atol=1e-5)
+    bound = train_eps_fn.bind(key)
+    assert isinstance(bound, models.EpsFn) and bound.num_classes == K
+    np.testing.assert_allclose(jit(bound.all_classes)(params, z, TIMES), all_eps, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jit(bound)(params, z, TIMES, jnp.zeros(B, jnp.int32)), all_eps[0],
+                               rtol=1e-6, atol=1e-6)
+    deterministic = jit(models.make_eps_fn(model).all_classes)(params, z, TIMES)
+    assert float(jnp.abs(deterministic - all_eps).max()) > 1e-3  # dropout was on
+
+
+def test_embedding_networks_have_no_one_pass_form():
+    model = models.build_model(dataclasses.replace(MLP_CFG, class_heads="embedding"), K)
+    eps_fn = models.make_eps_fn(model)
+    assert eps_fn.all_classes is None and models.make_train_eps_fn(model).all_classes is None
+    params = models.init_params(jax.random.key(0), model, EVENTS["mlp"])
+    z = jnp.zeros((B, *EVENTS["mlp"]))
+    with pytest.raises(ValueError, match="multi_head"):
+        model.apply({"params": params}, z, TIMES, None)
+    # parameters of one form do not fit the other
+    heads_model, heads_params, heads_eps_fn, _ = setup("mlp")
+    with pytest.raises(ValueError, match="class heads"):
+        heads_eps_fn(params, z, TIMES, jnp.zeros(B, jnp.int32))
+    with pytest.raises(ValueError, match="class table"):
+        eps_fn(heads_params, z, TIMES, jnp.zeros(B, jnp.int32))
+    with pytest.raises(ValueError, match="K \\+ 1"):
+        models.make_eps_fn(models.build_model(MLP_CFG, K + 1))(heads_params, z, TIMES, jnp.zeros(B, jnp.int32))
+    with pytest.raises(ValueError, match="class_heads"):
+        models.ModelConfig(kind="mlp", class_heads="per_class")
+
+
+def _spy(eps_fn):
+    """The same network as a models.EpsFn whose one-pass form counts its traces."""
+    traces = []
+
+    def all_classes(params, z, t):
+        traces.append(z.shape)
+        return eps_fn.all_classes(params, z, t)
+
+    return models.EpsFn(eps_fn.fn, eps_fn.num_classes, all_classes), traces
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("estimator,num_t", [("eps_mse", 2), ("random_t", 1), ("elbo", 3)])
+def test_log_emission_one_pass_equals_the_vmapped_fallback(kind, estimator, num_t):
+    model, params, eps_fn, z = setup(kind)
+    schedule = diffusion.linear_schedule(100)
+    one_pass, traces = _spy(eps_fn)
+    plain = lambda p, zz, t, k: eps_fn(p, zz, t, k)  # noqa: E731  (a plain function: the fallback)
+    y = jnp.tanh(z)
+    key = jax.random.key(3)
+    score = functools.partial(emission.log_emission, params=params, schedule=schedule, y=y, key=key,
+                              num_classes=K, estimator=estimator, num_t=num_t)
+    fast = jit(lambda: score(one_pass))()
+    slow = jit(lambda: score(plain))()
+    assert traces, "the one-pass form was not used"
+    assert fast.shape == (B, K)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-4)
+    # fewer classes than the network has: the first columns
+    fewer = jit(lambda: emission.log_emission(one_pass, params, schedule, y, key, K - 1,
+                                              estimator=estimator, num_t=num_t))()
+    np.testing.assert_allclose(fewer, fast[:, :K - 1], rtol=1e-5, atol=1e-4)
+
+
+def test_eps_all_classes_helper_on_user_functions():
+    """A user's plain function is vmapped over k; a user's EpsFn with its own one-pass form uses it."""
+    _, params, eps_fn, z = setup("mlp")
+    reference = stacked(eps_fn, params, z, TIMES)
+    plain = lambda p, zz, t, k: eps_fn(p, zz, t, k)  # noqa: E731
+    np.testing.assert_allclose(emission.eps_all_classes(plain, params, z, TIMES, K), reference,
+                               rtol=1e-5, atol=1e-5)
+    wrapped = models.EpsFn(plain, num_classes=K, all_classes=lambda p, zz, t: jnp.zeros((K,) + zz.shape))
+    assert float(jnp.abs(emission.eps_all_classes(wrapped, params, z, TIMES, K)).max()) == 0.0
+    assert emission.eps_all_classes(wrapped, params, z, TIMES, K).shape == (K, B, *EVENTS["mlp"])
+
+
+def test_hmdm_train_step_with_a_multi_head_network():
+    model, params, eps_fn, _ = setup("mlp")
+    schedule = diffusion.linear_schedule(100)
+    import optax
+
+    optimizer = optax.adam(1e-3)
+    state = create_train_state(jax.random.key(0), params, optimizer, K)
+    y = jax.random.uniform(jax.random.key(1), (2, 5, *EVENTS["mlp"]), minval=-1, maxval=1)
+    step = jit(hmdm.make_train_step(EMConfig(num_classes=K), eps_fn, schedule, optimizer))
+    new_state, metrics = step(state, {"images": y}, jax.random.key(2))
+    assert bool(jnp.isfinite(metrics["loss"]))
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, state.params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0.0
