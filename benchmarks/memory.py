@@ -15,7 +15,7 @@ loop ``run.parts.make_step`` does, so the new state reuses the old one's buffers
 per-frame memory is the difference between the two batch sizes divided by the difference in frames;
 the fixed part (parameters, EMA, Adam moments, workspace) is what is left at zero frames. From these,
 the largest batch that fits an accelerator of 16 GiB and 80 GiB with 10% headroom. Rows ``name@c``
-repeat a preset with ``EMConfig.emission_chunk_size = c``: the emission pass (K · num_t network
+repeat a preset with ``EMConfig.scoring.chunk_size = c``: the emission pass (K · num_t network
 evaluations per frame, all live at once) is what dominates the per-frame memory of the U-Nets, and
 chunking it bounds that part.
 
@@ -111,7 +111,7 @@ def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) 
     from two compiled batch sizes."""
     name, chunk = parse_config(spec)
     config = run.preset("cpu-small", "hmdm", num_classes, event_shape_for(name))
-    em_config = dataclasses.replace(config.em, emission_chunk_size=chunk, num_t=2)
+    em_config = config.em.replace(scoring=dict(chunk_size=chunk, num_t=2))
     config = dataclasses.replace(config, network=models.get_model_config(name), em=em_config)
     parts = run.build_parts(config)
     start = time.perf_counter()
@@ -125,7 +125,7 @@ def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) 
         "name": name if chunk is None else f"{name}, emission chunk {chunk}", "event": config.event_shape,
         "params": models.param_count(params), "per_frame": per_frame,
         "fixed": fixed, "small": small, "large": large, "seconds": time.perf_counter() - start,
-        "num_t": config.em.num_t,
+        "num_t": config.em.scoring.num_t,
     }
 
 
@@ -159,7 +159,7 @@ def main():
     parser.add_argument(
         "--configs", default=",".join(models.PRESET_NAMES + ("mnist28-unet@60", "cifar32-unet@60")),
         help="comma-separated presets; name@c scores the emission c frames per network call "
-             "(EMConfig.emission_chunk_size = c)",
+             "(EMConfig.scoring.chunk_size = c)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: the two MLP presets only")
     args = parser.parse_args()

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import hmdm as hmdm_experiment  # experiments/hmdm.py: the sequence construction
-from hmdm_jax import checkpoint, em
+from hmdm_jax import checkpoint, em, emission
 from hmdm_jax import data as hdata
 from hmdm_jax import run
 
@@ -75,12 +75,18 @@ class Row(NamedTuple):
 
 def em_overrides(target: em.EMConfig) -> list[str]:
     """The ``em.*`` overrides that turn any EMConfig with ``target.num_classes`` into ``target``."""
-    return [f"em.{f.name}={json.dumps(getattr(target, f.name))}" for f in dataclasses.fields(em.EMConfig)
-            if f.name != "num_classes"]
+    def leaves(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{f.name}.")
+            elif f.name != "num_classes":
+                yield f"{prefix}{f.name}={json.dumps(value)}"
+    return list(leaves(target, "em."))
 
 
-def _paper(**changes) -> Callable[[int], list]:
-    return lambda k: em_overrides(em.EMConfig.paper(k, **changes))
+def _paper(**scoring) -> Callable[[int], list]:
+    return lambda k: em_overrides(em.EMConfig.paper(k).replace(scoring=scoring))
 
 
 ROWS = [
@@ -91,12 +97,12 @@ ROWS = [
     Row("paper_elbo", "a", f"paper, {ELBO_GRID}-term grid ELBO as emission",
         _paper(estimator="elbo", num_t=ELBO_GRID, t_range=None)),
     Row("untempered", "a", f"eps_mse (preset draws, band 0.3-0.6 T), temperature {UNTEMPERED:g}",
-        lambda k: [f"em.temperature={UNTEMPERED}"]),
+        lambda k: [f"em.temperature.final={UNTEMPERED}"]),
     Row("default", "a", "default: eps_mse (preset draws: 1 for HMDM), band 0.3-0.6 T, temperature 0.15", lambda k: []),
     Row("default_no_warm_start", "a, b", "default, no k-means warm start (random init)",
         lambda k: ["warm_start.method=none"]),
     Row("pretrained", "b", "supervised: all true labels (reference; start of finetune)",
-        lambda k: ["warm_start.method=none", "reseed.every=0", "em.learn_pi=true"], "pretrain"),
+        lambda k: ["warm_start.method=none", "reseed.every=0", "em.priors.learn_pi=true"], "pretrain"),
     Row("finetune", "b", "default EM from the pretrained network, labels hidden, no warm start",
         lambda k: ["warm_start.method=none"], "finetune"),
 ]
@@ -207,15 +213,9 @@ def e_step_summary(config: run.RunConfig, row: Row) -> str:
     if row.kind == "pretrain":
         return "supervised (all labels)"
     e = config.em
-    parts = [e.estimator]
-    if e.estimator == "elbo":
-        parts.append(f"grid {e.num_t}")
-    elif e.estimator != "last_decoder":
-        parts.append(f"{e.num_t} draw{'s' if e.num_t != 1 else ''}")
-    if e.estimator == "eps_mse" and e.t_range is not None:
-        parts.append(f"band {e.t_range[0]:g}-{e.t_range[1]:g}")
-    parts.append(f"temp {e.temperature:g}")
-    parts.append("pi learned" if e.learn_pi else "pi fixed")
+    parts = [_scoring_summary(e.scoring)]
+    parts.append(f"temp {e.temperature.final:g}")
+    parts.append("pi learned" if e.priors.learn_pi else "pi fixed")
     parts.append("init: pretrained" if row.kind == "finetune" else
                  (f"{config.warm_start.method} warm start" if config.warm_start.active else "no warm start"))
     return ", ".join(parts)
@@ -228,26 +228,36 @@ def e_step_summary(config: run.RunConfig, row: Row) -> str:
 def common_scorer(config: em.EMConfig, num_t: int) -> em.EMConfig:
     """The scorer every row is decoded with: the default E-step scorer (eps_mse, mid band, temperature
     0.15) with ``num_t`` draws, so that the rows compare what was learned, not how it is scored."""
-    d = em.EMConfig(num_classes=config.num_classes)
-    return dataclasses.replace(config, estimator=d.estimator, t_range=d.t_range, temperature=d.temperature,
-                               initial_temperature=None, per_dim=d.per_dim, variance=d.variance, num_t=num_t)
+    return config.replace(scoring=em.Scoring(num_t=num_t), temperature=em.Temperature())
 
 
 def own_scorer(config: em.EMConfig, num_t: int) -> em.EMConfig:
     """The row's own E-step estimator with ``num_t`` draws where it takes draws (``em.evaluation_config``);
     elbo keeps its training grid."""
-    return em.evaluation_config(config, num_t=None if config.estimator == "elbo" else num_t)
+    grid = emission.get_estimator(config.scoring.estimator).grid
+    return em.evaluation_config(config, num_t=None if grid else num_t)
+
+
+def _scoring_summary(s: em.Scoring) -> str:
+    """"eps_mse, 1 draw, band 0.3-0.6 T": the estimator, its draws (or grid) and band, from its registry entry."""
+    est = emission.get_estimator(s.estimator)
+    parts = [s.estimator]
+    if est.grid:
+        parts.append(f"grid {s.num_t}")
+    elif not est.single_draw or est.several_draws is not None:
+        parts.append(f"{s.num_t} draw{'s' if s.num_t != 1 else ''}")
+    if est.takes_band and s.t_range is not None:
+        parts.append(f"band {s.t_range[0]:g}-{s.t_range[1]:g} T")
+    return ", ".join(parts)
 
 
 def scorer_summary(e: em.EMConfig) -> str:
-    band = f", band {e.t_range[0]:g}-{e.t_range[1]:g} T" if e.estimator == "eps_mse" and e.t_range else ""
-    draws = f"grid {e.num_t}" if e.estimator == "elbo" else f"{e.num_t} draw{'s' if e.num_t != 1 else ''}"
-    return f"{e.estimator}, {draws}{band}, temperature {e.temperature:g}"
+    return f"{_scoring_summary(e.scoring)}, temperature {e.temperature.final:g}"
 
 
 def _decode(config, parts, state, scorer: em.EMConfig, images, mask, key=None):
     cfg = dataclasses.replace(config, em=scorer)
-    return run.predict_states(cfg, parts, state, images, mask, num_t=scorer.num_t, key=key)["states"]
+    return run.predict_states(cfg, parts, state, images, mask, num_t=scorer.scoring.num_t, key=key)["states"]
 
 
 def evaluate_row(config, parts, state, data: Data) -> dict:

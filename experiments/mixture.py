@@ -4,7 +4,7 @@
 Unsupervised by default: labels are used only for evaluation, except a random fraction F of the
 labelled images (``--observed-labels F``) that is clamped in training; then the accuracy on the other
 (masked) labels is reported too, and the ``cpu-small`` preset adds the label loss on the labelled images
-(``em.label_loss_weight=0.1``) and trains 6,000 steps. All images are clustered (the paper's setting) unless
+(``em.labels.loss_weight=0.1``) and trains 6,000 steps. All images are clustered (the paper's setting) unless
 ``--heldout-fraction F`` keeps a stratified fraction apart: then the model is trained on the rest and the
 held-out images are classified too. With the same ``--seed`` and fraction as ``experiments/hmdm.py`` the
 pools are those of its Markov sequences (the frame-wise mixture on the same split). ``npz:PATH`` holds

@@ -29,135 +29,198 @@ from hmdm_jax.parallel import psum_if
 __all__ = [
     "BALANCE_ITERATIONS", "BALANCE_SCALES", "balanced_class_posterior", "band_agreement",
     "CANDIDATE_BANDS", "tempered_log_emissions", "COUNTS_FROM", "EMConfig", "evaluation_config",
-    "FINAL_STEP", "frame_keys", "label_loss", "observed_label_loss", "posterior_entropy",
-    "PRIOR_UPDATES", "resolved_t_range", "e_step_scores", "select_t_range", "step_keys",
+    "FINAL_STEP", "frame_keys", "label_loss", "Labels", "observed_label_loss", "posterior_entropy",
+    "Priors", "resolved_t_range", "Scoring", "Temperature", "e_step_scores", "select_t_range", "step_keys",
     "temperature_at",
 ]
 
 Array = jax.Array
 EpsFn = Callable[[Any, Array, Array, Array], Array]
 
-PRIOR_UPDATES = ("running", "epoch")
 COUNTS_FROM = ("sampled", "smoothed")
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclasses.dataclass(frozen=True)
-class EMConfig:
-    """Options of the E-step, the ε-loss and the M-step (static: changing one recompiles).
+class Scoring:
+    """How every frame is scored under every class: the emission estimator and its draws.
 
     Attributes:
-      num_classes: K.
-      estimator: the emission estimator (see ``emission.log_emission``); "eps_mse" by default.
-      num_t: t-draws per frame for the estimator. Two by default: the mixture from a random start needs
-        them. HMDM pools the evidence of a frame's neighbours through A, so its presets use one.
-      t_range: the scoring band as fractions (lo, hi) of T for "eps_mse"; None: the estimator's default.
-      temperature: class scores are divided by it (0.15 by default; 1 is the untempered paper score).
-      initial_temperature: when set, the temperature anneals geometrically from this value to
-        ``temperature`` over ``anneal_steps`` steps (a soft start from random initialisation).
-      anneal_steps: length of that annealing.
-      per_dim: divide class scores by the data dimension before tempering.
-      variance: σ_t² of the reverse step, "beta" or "beta_tilde" (for the density estimators).
-      score_with_ema: score classes with the EMA parameters instead of the current ones.
-      learn_pi: re-estimate π from sampled counts (False: π stays as initialised, uniform by default).
+      estimator: a name in ``emission.ESTIMATORS`` ("eps_mse", the unweighted mid-band ε-MSE, by default).
+      num_t: t-draws per frame. Two by default: the mixture from a random start needs them. HMDM pools
+        the evidence of a frame's neighbours through A, so its presets use one.
+      t_range: the scoring band as fractions (lo, hi) of T, for every estimator that takes a band; None:
+        the estimator's own default band. An estimator whose t's are fixed (elbo, last_decoder) needs None.
+      variance: σ_t² of the reverse step, "beta" or "beta_tilde" (the density estimators).
+      chunk_size: score at most this many frames at once (bounds memory; None: all at once).
+    """
+
+    estimator: str = "eps_mse"
+    num_t: int = 2
+    t_range: tuple[float, float] | None = (0.3, 0.6)
+    variance: str = "beta"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        emission.get_estimator(self.estimator)  # an unknown name: ValueError listing emission.ESTIMATORS
+        _check(self.num_t >= 1, f"scoring.num_t must be >= 1, got {self.num_t}")
+        # Whether the estimator takes a band is checked where the band is used (resolved_t_range), not
+        # here: dotted overrides replace one field at a time ("em.scoring.estimator=elbo", then "...t_range=null").
+        _check(self.t_range is None or 0.0 <= self.t_range[0] <= self.t_range[1] <= 1.0,
+               f"scoring.t_range must be fractions 0 <= lo <= hi <= 1 of T, got {self.t_range}")
+        _check(self.chunk_size is None or self.chunk_size >= 1,
+               f"scoring.chunk_size must be None or >= 1, got {self.chunk_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """The class scores log b̃ are divided by the temperature before the E-step samples from them.
+
+    Attributes:
+      final: the temperature (0.15 by default; 1 is the untempered paper score).
+      initial: with ``anneal_steps``, the temperature anneals geometrically from ``initial`` to ``final``
+        over that many steps (a soft start from random initialisation). Both or neither.
+      anneal_steps: the length of that annealing.
+    """
+
+    final: float = 0.15
+    initial: float | None = None
+    anneal_steps: int = 0
+
+    def __post_init__(self):
+        _check(self.final > 0 and (self.initial is None or self.initial > 0), "temperatures must be > 0")
+        _check((self.initial is None) == (self.anneal_steps == 0) and self.anneal_steps >= 0,
+               "temperature.initial and temperature.anneal_steps > 0 go together (an annealing), or neither; "
+               f"got initial={self.initial}, anneal_steps={self.anneal_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Priors:
+    """The M-step: Dirichlet re-estimation of π and A from the E-step's counts.
+
+    Attributes:
+      learn_pi: re-estimate π (False: π stays as initialised, uniform by default).
       learn_A: re-estimate A (HMDM).
-      prior_update: "running": counts decay by ``1 − count_decay`` each step and π, A are re-estimated
-        every step; "epoch": counts accumulate and π, A are re-estimated (and the counts reset) every
-        ``epoch_steps`` steps, inside the train step.
-      count_decay: ρ of the running update; the counts average ≈ 1/ρ recent batches.
-      epoch_steps: the epoch length of ``prior_update="epoch"`` (required there, unused otherwise).
-      pseudo_count: Dirichlet pseudo-count added to every class and every transition.
+      pseudo_count: Dirichlet pseudo-count on every class and every transition (> 0: nothing reaches 0).
       sticky_count: extra pseudo-count on the diagonal of A (a sticky prior).
-      counts_from: HMDM M-step statistics from the "sampled" paths or "smoothed" expected counts.
-      label_dropout: probability of training a frame with the null class K (classifier-free guidance).
-      emission_chunk_size: score at most this many frames at once (bounds memory; None: all at once).
-      label_loss_weight: α of a discriminative term on the frames with observed labels: α times the
+      count_decay: ρ of the running update: the counts decay by ``1 − ρ`` each step and π, A are
+        re-estimated every step; they average ≈ 1/ρ recent batches.
+      epoch_steps: instead of the running update, accumulate the counts and re-estimate π, A (and reset
+        the counts) every ``epoch_steps`` steps, inside the train step. None: the running update.
+      counts_from: HMDM statistics from the "sampled" paths or the "smoothed" expected counts.
+    """
+
+    learn_pi: bool = False
+    learn_A: bool = True
+    pseudo_count: float = 1.0
+    sticky_count: float = 0.0
+    count_decay: float = 0.05
+    epoch_steps: int | None = None
+    counts_from: str = "sampled"
+
+    def __post_init__(self):
+        _check(self.pseudo_count > 0, "priors.pseudo_count must be > 0 so that no class reaches probability 0")
+        _check(self.sticky_count >= 0, f"priors.sticky_count must be >= 0, got {self.sticky_count}")
+        _check(0.0 < self.count_decay <= 1.0, f"priors.count_decay must be in (0, 1], got {self.count_decay}")
+        _check(self.epoch_steps is None or self.epoch_steps >= 1,
+               f"priors.epoch_steps must be None (the running update) or >= 1, got {self.epoch_steps}")
+        _check(self.counts_from in COUNTS_FROM,
+               f"priors.counts_from must be one of {COUNTS_FROM}, got {self.counts_from!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """How observed labels and the null class enter the ε-loss (observed labels always clamp their frames).
+
+    Attributes:
+      loss_weight: α of a discriminative term on the frames with observed labels: α times the
         cross-entropy of the tempered class posterior softmax(log b̃ / temperature + log prior) against
         the label, one t-draw per frame, differentiated through the K network passes (:func:`label_loss`).
         The analogue of the α·log q(x | y) term of semi-supervised generative models (Kingma et al.,
         2014): EM alone uses an observed label only to clamp its frame, so a few labels barely move the
         class scores of the unlabelled frames. 0 (default): the paper's EM. Does nothing without labels.
-        The mixture's ``cpu-small`` preset sets 0.1 when labels are observed.
-      label_loss_frames: score at most this many frames of the global batch in the label loss, the ones
-        with observed labels first, in batch order (None: every frame; frames without a label add no term
-        but cost K network passes with gradients all the same). With at least as many frames as observed
+      loss_frames: score at most this many frames of the global batch in the label loss, the ones with
+        observed labels first, in batch order (None: every frame; frames without a label add no term but
+        cost K network passes with gradients all the same). With at least as many frames as observed
         labels in the batch the loss is exactly the uncapped one; with fewer, it is the mean over the first
-        ones. Under several devices each scores ``ceil(label_loss_frames / devices)`` of its own share.
+        ones. Under several devices each scores ``ceil(loss_frames / devices)`` of its own share.
+      dropout: probability of training a frame with the null class K (for classifier-free guidance).
+    """
+
+    loss_weight: float = 0.0
+    loss_frames: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(self.loss_weight >= 0, f"labels.loss_weight must be >= 0, got {self.loss_weight}")
+        _check(self.loss_frames is None or self.loss_frames >= 1,
+               f"labels.loss_frames must be None or >= 1, got {self.loss_frames}")
+        _check(0.0 <= self.dropout < 1.0, f"labels.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMConfig:
+    """Options of the E-step, the ε-loss and the M-step, grouped by what they act on (static: changing
+    one recompiles). ``EMConfig(num_classes=K)`` is the default that learns unsupervised.
+
+    Attributes:
+      num_classes: K.
+      scoring: how each frame is scored under each class (:class:`Scoring`).
+      temperature: the tempering of those scores (:class:`Temperature`).
+      priors: the M-step on π and A (:class:`Priors`).
+      labels: the label loss and the null class (:class:`Labels`).
       balance_classes: mixture only. The E-step samples each frame's class from the batch posterior
         rescaled by per-class offsets (:func:`balanced_class_posterior`) so that class k receives B·π_k of
         the global batch's frames in expectation (the equipartition constraint of
         self-labelling clustering, Asano et al., 2020; Caron et al., 2020). It rules out the collapse of a
-        sharp E-step into one or two classes, which a low temperature otherwise causes on 28×28 frames.
-        False (default): the model's own posterior, as the paper.
+        sharp E-step into one or two classes. False (default): the model's own posterior, as the paper.
     """
 
     num_classes: int
-    estimator: str = "eps_mse"
-    num_t: int = 2
-    t_range: tuple[float, float] | None = (0.3, 0.6)
-    temperature: float = 0.15
-    initial_temperature: float | None = None
-    anneal_steps: int = 0
-    per_dim: bool = False
-    variance: str = "beta"
-    score_with_ema: bool = False
-    learn_pi: bool = False
-    learn_A: bool = True
-    prior_update: str = "running"
-    count_decay: float = 0.05
-    epoch_steps: int = 0
-    pseudo_count: float = 1.0
-    sticky_count: float = 0.0
-    counts_from: str = "sampled"
-    label_dropout: float = 0.0
-    emission_chunk_size: int | None = None
-    label_loss_weight: float = 0.0
-    label_loss_frames: int | None = None
+    scoring: Scoring = Scoring()
+    temperature: Temperature = Temperature()
+    priors: Priors = Priors()
+    labels: Labels = Labels()
     balance_classes: bool = False
 
     def __post_init__(self):
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.temperature <= 0 or (self.initial_temperature is not None and self.initial_temperature <= 0):
-            raise ValueError("temperatures must be > 0")
-        if self.prior_update not in PRIOR_UPDATES:
-            raise ValueError(f"prior_update must be one of {PRIOR_UPDATES}, got {self.prior_update!r}")
-        if self.counts_from not in COUNTS_FROM:
-            raise ValueError(f"counts_from must be one of {COUNTS_FROM}, got {self.counts_from!r}")
-        if self.prior_update == "epoch" and self.epoch_steps < 1:
-            raise ValueError("prior_update='epoch' needs epoch_steps >= 1 (the steps between M-steps)")
-        if not 0.0 < self.count_decay <= 1.0:
-            raise ValueError(f"count_decay must be in (0, 1], got {self.count_decay}")
-        if self.pseudo_count <= 0:
-            raise ValueError("pseudo_count must be > 0 so that no class reaches probability 0")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.label_loss_weight < 0:
-            raise ValueError(f"label_loss_weight must be >= 0, got {self.label_loss_weight}")
-        if self.label_loss_frames is not None and self.label_loss_frames < 1:
-            raise ValueError(f"label_loss_frames must be None or >= 1, got {self.label_loss_frames}")
-        emission.get_estimator(self.estimator)  # an unknown name: ValueError listing emission.ESTIMATORS
-        if self.num_t is not None and self.num_t < 1:
-            raise ValueError(f"num_t must be >= 1 (or None), got {self.num_t}")
-        # Whether the estimator takes a band is checked where the band is used (resolved_t_range), not
-        # here: dotted overrides replace one field at a time ("em.estimator=elbo", then "em.t_range=null").
-        if self.t_range is not None and not 0.0 <= self.t_range[0] <= self.t_range[1] <= 1.0:
-            raise ValueError(f"t_range must be fractions 0 <= lo <= hi <= 1 of T, got {self.t_range}")
+        _check(isinstance(self.num_classes, int) and self.num_classes >= 1,
+               f"num_classes must be an int >= 1, got {self.num_classes!r}")
+        for name, group in (("scoring", Scoring), ("temperature", Temperature), ("priors", Priors),
+                            ("labels", Labels)):
+            _check(isinstance(getattr(self, name), group),
+                   f"EMConfig.{name} must be an em.{group.__name__}, got {getattr(self, name)!r}")
+
+    def replace(self, **groups) -> "EMConfig":
+        """A copy with fields of the groups replaced: ``config.replace(scoring=dict(num_t=1))`` changes
+        ``scoring.num_t`` only; a group value (``Scoring(...)``) or a top-level field replaces it whole."""
+        changes = {}
+        for name, value in groups.items():
+            current = getattr(self, name)
+            changes[name] = (dataclasses.replace(current, **value)
+                             if isinstance(value, dict) and dataclasses.is_dataclass(current) else value)
+        return dataclasses.replace(self, **changes)
 
     @classmethod
-    def paper(cls, num_classes: int, **overrides) -> "EMConfig":
+    def paper(cls, num_classes: int) -> "EMConfig":
         """The seed's Algorithms 1 and 3 taken literally: one random t, the sampled Gaussian density,
         scale 1, π (and A) re-estimated. Does not learn from random initialisation (see RESULTS.md)."""
-        literal = dict(estimator="random_t", num_t=1, t_range=None, temperature=1.0, learn_pi=True)
-        return cls(num_classes=num_classes, **{**literal, **overrides})
+        return cls(num_classes=num_classes, scoring=Scoring(estimator="random_t", num_t=1, t_range=None),
+                   temperature=Temperature(final=1.0), priors=Priors(learn_pi=True))
 
 
 def temperature_at(config: EMConfig, step: Array) -> Array:
     """The (possibly annealed) temperature at ``step``: geometric from initial to final temperature."""
-    final = jnp.float32(config.temperature)
-    if config.initial_temperature is None or config.anneal_steps <= 0:
+    temp = config.temperature
+    final = jnp.float32(temp.final)
+    if temp.initial is None:
         return final
-    frac = jnp.clip(step / config.anneal_steps, 0.0, 1.0)
-    return jnp.float32(config.initial_temperature) * (final / config.initial_temperature) ** frac
+    frac = jnp.clip(step / temp.anneal_steps, 0.0, 1.0)
+    return jnp.float32(temp.initial) * (final / temp.initial) ** frac
 
 
 FINAL_STEP = 2**30  # a step past any annealing: scoring at evaluation uses the final temperature
@@ -170,16 +233,17 @@ def evaluation_config(config: EMConfig, estimator: str | None = None, num_t: int
     last_decoder keeps one draw). The band ``t_range`` is kept for an estimator that takes one and set to
     None for one that does not (elbo, last_decoder), whatever the training estimator's band was.
     """
-    resolved, draws = emission.resolve_num_draws(config.estimator if estimator is None else estimator,
-                                                 config.num_t if num_t is None else num_t)
-    t_range = config.t_range if resolved.takes_band else None
-    return dataclasses.replace(config, estimator=resolved.name, num_t=draws, t_range=t_range)
+    scoring = config.scoring
+    resolved, draws = emission.resolve_num_draws(scoring.estimator if estimator is None else estimator,
+                                                 scoring.num_t if num_t is None else num_t)
+    t_range = scoring.t_range if resolved.takes_band else None
+    return config.replace(scoring=dict(estimator=resolved.name, num_t=draws, t_range=t_range))
 
 
 def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None:
-    """``config.t_range`` as inclusive integer steps (t_min, t_max) within 1..T (:func:`emission.band_steps`).
+    """``config.scoring.t_range`` as inclusive integer steps (t_min, t_max) within 1..T (:func:`emission.band_steps`).
 
-    None when ``config.t_range`` is None (the estimator's own default band). Every estimator that takes a
+    None when the band is None (the estimator's own default band). Every estimator that takes a
     band gets it (random_t, multi_t, elbo_term, eps_mse).
 
     Raises:
@@ -187,12 +251,13 @@ def resolved_t_range(config: EMConfig, num_steps: int) -> tuple[int, int] | None
         band is (0.3, 0.6): such configs set ``t_range=None`` (``EMConfig.paper`` and
         :func:`evaluation_config` do).
     """
-    if config.t_range is None:
+    scoring = config.scoring
+    if scoring.t_range is None:
         return None
-    if not emission.get_estimator(config.estimator).takes_band:
-        raise ValueError(f"t_range={config.t_range} does not apply to estimator {config.estimator!r}, whose t's "
-                         "are fixed; set t_range=None (EMConfig's default band is (0.3, 0.6))")
-    return emission.band_steps(config.t_range, num_steps)
+    if not emission.get_estimator(scoring.estimator).takes_band:
+        raise ValueError(f"scoring.t_range={scoring.t_range} does not apply to estimator {scoring.estimator!r}, "
+                         "whose t's are fixed; set t_range=None (Scoring's default band is (0.3, 0.6))")
+    return emission.band_steps(scoring.t_range, num_steps)
 
 
 def tempered_log_emissions(
@@ -204,7 +269,7 @@ def tempered_log_emissions(
     Args:
       keys: ``[B]`` per-frame keys (see :func:`frame_keys`).
       step: ``[]`` the optimizer step (for the temperature annealing).
-      num_t: overrides ``config.num_t``.
+      num_t: overrides ``config.scoring.num_t``.
 
     Returns:
       ``[B, K]`` float32 tempered emission log-likelihoods (class-independent constants may be dropped).
@@ -216,12 +281,11 @@ def tempered_log_emissions(
         y,
         keys,
         config.num_classes,
-        estimator=config.estimator,
-        num_t=config.num_t if num_t is None else num_t,
+        estimator=config.scoring.estimator,
+        num_t=config.scoring.num_t if num_t is None else num_t,
         t_range=resolved_t_range(config, schedule.num_steps),
-        per_dim=config.per_dim,
-        variance=config.variance,
-        chunk_size=config.emission_chunk_size,
+        variance=config.scoring.variance,
+        chunk_size=config.scoring.chunk_size,
     )
     return log_b / temperature_at(config, step)
 
@@ -259,15 +323,15 @@ def label_loss(
       normalizer: ``[]`` the number of observed frames in the global batch (so per-device terms add up).
 
     Returns:
-      ``[]`` ``config.label_loss_weight`` times the summed cross-entropy (nats) divided by ``normalizer``.
+      ``[]`` ``config.labels.loss_weight`` times the summed cross-entropy (nats) divided by ``normalizer``.
     """
-    num_t = config.num_t if emission.get_estimator(config.estimator).grid else 1  # a grid is not a draw
+    num_t = config.scoring.num_t if emission.get_estimator(config.scoring.estimator).grid else 1  # a grid is not a draw
     log_b = tempered_log_emissions(config, eps_fn, params, schedule, y, keys, step, num_t=num_t)
     log_post = emission.class_log_posterior(log_b, jax.lax.stop_gradient(log_prior))
     observed = labels >= 0
     picked = jnp.take_along_axis(log_post, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
     cross_entropy = jnp.sum(jnp.where(observed, -picked, 0.0))
-    return config.label_loss_weight * cross_entropy / jnp.maximum(normalizer, 1.0)
+    return config.labels.loss_weight * cross_entropy / jnp.maximum(normalizer, 1.0)
 
 
 def step_keys(config: EMConfig, key: Array) -> tuple[Array, Array, Array, Array | None]:
@@ -275,7 +339,7 @@ def step_keys(config: EMConfig, key: Array) -> tuple[Array, Array, Array, Array 
 
     Three keys are split without the label loss, as before it existed, so such runs stay bit-identical.
     """
-    if config.label_loss_weight > 0:
+    if config.labels.loss_weight > 0:
         return tuple(jax.random.split(key, 4))
     return (*jax.random.split(key, 3), None)
 
@@ -285,17 +349,17 @@ def observed_label_loss(
     step: Array, key: Array | None, axis_name: str | None = None,
 ) -> Callable[[Any], Array] | None:
     """``params -> label_loss(...)`` on frames ``y [B, *event]`` with ``labels [B]`` (−1 = unknown), for
-    :func:`denoising_step`'s ``extra_loss``; None when ``config.label_loss_weight`` is 0 (nothing traced).
+    :func:`denoising_step`'s ``extra_loss``; None when ``config.labels.loss_weight`` is 0 (nothing traced).
 
     ``key`` is the label key of :func:`step_keys`; under a mapped axis the normaliser counts the observed
-    frames of the global batch. ``config.label_loss_frames`` caps the frames scored (observed ones first).
+    frames of the global batch. ``config.labels.loss_frames`` caps the frames scored (observed ones first).
     """
-    if config.label_loss_weight <= 0:
+    if config.labels.loss_weight <= 0:
         return None
     keys = frame_keys(key, y.shape[0], axis_name)  # each frame keeps its draws whether or not others are dropped
-    if config.label_loss_frames is not None:
+    if config.labels.loss_frames is not None:
         devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-        cap = -(-config.label_loss_frames // devices)
+        cap = -(-config.labels.loss_frames // devices)
         if cap < y.shape[0]:
             # the labelled frames first (a stable sort keeps batch order), then a static-size slice
             picked = jnp.argsort(labels < 0, stable=True)[:cap]
@@ -319,7 +383,7 @@ def band_agreement(
 ) -> Array:
     """For each scoring band, the fraction of frames whose one-draw ε-MSE argmax is their assigned class.
 
-    The label-free criterion for the scoring band (``t_range``) of :func:`select_t_range`: a network
+    The label-free criterion for the scoring band (``scoring.t_range``) of :func:`select_t_range`: a network
     trained on an assignment (the k-means warm start, or the current EM states) can only reproduce it
     from one draw where the class signal of the score exceeds its noise. At small t the network denoises
     without looking at the class (no signal); at large t one draw of ε dominates (noise).
@@ -335,7 +399,7 @@ def band_agreement(
     keys = frame_keys(key, y.shape[0])
 
     def agreement(band):
-        band_config = dataclasses.replace(config, estimator="eps_mse", num_t=1, t_range=band)
+        band_config = config.replace(scoring=dict(estimator="eps_mse", num_t=1, t_range=band))
         log_b = e_step_scores(band_config, eps_fn, params, schedule, y, keys, FINAL_STEP)
         return jnp.mean(jnp.argmax(log_b, axis=-1) == assignment)
 

@@ -185,6 +185,8 @@ class Estimator:
       two_noises: it draws ε and ε* per t-draw (the paper's two-stage z_{t−1}, z_t) rather than one ε.
       uses_decoder: the ``decoder`` argument changes its scores.
       uses_variance: the ``variance`` argument changes its scores.
+      is_bound: its scores are a bound on log p(y | k) itself (not a score up to a class-independent
+        scale), so a decision by the model's own likelihood takes them at temperature 1.
     """
 
     name: str
@@ -197,6 +199,7 @@ class Estimator:
     two_noises: bool = False
     uses_decoder: bool = False
     uses_variance: bool = False
+    is_bound: bool = False
 
     def default_t_range(self, num_steps: int) -> Tuple[int, int]:
         """The inclusive (t_min, t_max) it draws from when ``t_range=None``: ``default_band`` in steps."""
@@ -527,7 +530,8 @@ ESTIMATORS: Mapping[str, Estimator] = EstimatorRegistry((
     Estimator("last_decoder", _density_scores, default_band=FIRST_STEP_BAND, takes_band=False, single_draw=True,
               two_noises=True, uses_decoder=True),
     Estimator("multi_t", _density_scores, two_noises=True, uses_decoder=True, uses_variance=True),
-    Estimator("elbo", _elbo_scores, takes_band=False, grid=True, uses_decoder=True, uses_variance=True),
+    Estimator("elbo", _elbo_scores, takes_band=False, grid=True, uses_decoder=True, uses_variance=True,
+              is_bound=True),
     Estimator("elbo_term", _elbo_term_scores, uses_variance=True),
     Estimator("eps_mse", _eps_mse_scores, default_band=DEFAULT_EPS_MSE_BAND),
 ))

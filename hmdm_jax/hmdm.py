@@ -75,7 +75,7 @@ def sample_paths(config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusi
                  batch: Batch, keys: tuple[Array, Array], axis_name: str | None = None) -> EStepResult:
     """HMDM's E-step: emissions of every frame and class (observed labels clamped), then a state path per
     sequence by forward filtering backward sampling; initial and transition counts from the sampled paths
-    (``counts_from="sampled"``) or the smoothed expected counts (``"smoothed"``)."""
+    (``priors.counts_from="sampled"``) or the smoothed expected counts (``"smoothed"``)."""
     images, mask, labels = _batch_fields(batch)
     batch_size, length = images.shape[:2]
     key_score, key_sample = keys
@@ -84,7 +84,7 @@ def sample_paths(config: EMConfig, eps_fn: EpsFn, params: Any, schedule: diffusi
     states, log_marginal = jax.vmap(hmm.ffbs, (0, None, None, 0, 0))(
         frame_keys(key_sample, batch_size, axis_name), state.log_pi, state.log_A, log_b, mask
     )
-    if config.counts_from == "sampled":
+    if config.priors.counts_from == "sampled":
         counts = jax.vmap(hmm.path_counts, (0, None, 0))(states, k, mask)
     else:
         counts = jax.vmap(hmm.expected_counts, (None, None, 0, 0))(state.log_pi, state.log_A, log_b, mask)
@@ -116,7 +116,7 @@ def make_train_step(
     ``batch``: ``images [B, n, *event]``, ``mask [B, n]`` bool (optional), ``labels [B, n]`` int32 with −1
     for unknown (optional). Metrics: ``loss``, ``log_marginal`` (mean tempered log p(Y) per sequence),
     ``class_usage [K]`` over valid frames, ``temperature``, and ``label_loss`` when
-    ``config.label_loss_weight > 0``.
+    ``config.labels.loss_weight > 0``.
     """
     if config.balance_classes:
         # the states of a sequence are sampled jointly (FFBS); a per-frame rescaling would break the chain

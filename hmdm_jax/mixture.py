@@ -93,7 +93,7 @@ def make_train_step(
 
     ``batch["images"]``: ``[B, *event]``; ``batch["labels"]``: ``[B]`` int32 with −1 for unknown (optional).
     Metrics: ``loss``, ``posterior_entropy`` (nats), ``class_usage [K]`` (fractions of sampled classes),
-    ``temperature``, and ``label_loss`` when ``config.label_loss_weight > 0``.
+    ``temperature``, and ``label_loss`` when ``config.labels.loss_weight > 0``.
     """
     return make_em_step(config, eps_fn, schedule, optimizer, sample_classes, ema_decay=ema_decay, axis_name=axis_name)
 

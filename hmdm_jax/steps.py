@@ -142,16 +142,17 @@ def dirichlet_log_probs(counts: Array, pseudo_count: float, sticky_count: float 
 
 
 def accumulate_counts(config: EMConfig, state: TrainState, class_counts: Array, transition_counts: Array) -> TrainState:
-    """Adds a batch's counts to the running statistics and re-estimates π and A: every step (``running``),
-    or at the end of every ``epoch_steps`` steps, counting the step just taken (``epoch``)."""
-    decay = 1.0 - config.count_decay if config.prior_update == "running" else 1.0
+    """Adds a batch's counts to the running statistics and re-estimates π and A: every step (the running
+    update), or at the end of every ``priors.epoch_steps`` steps, counting the step just taken."""
+    priors = config.priors
+    decay = 1.0 - priors.count_decay if priors.epoch_steps is None else 1.0
     state = state.replace(
         class_counts=decay * state.class_counts + class_counts,
         transition_counts=decay * state.transition_counts + transition_counts,
     )
-    if config.prior_update == "running":
+    if priors.epoch_steps is None:
         return m_step(config, state)
-    epoch_done = state.step % config.epoch_steps == 0
+    epoch_done = state.step % priors.epoch_steps == 0
     updated = end_epoch(config, state)
     fields = ("log_pi", "log_A", "class_counts", "transition_counts")
     return state.replace(**{f: jnp.where(epoch_done, getattr(updated, f), getattr(state, f)) for f in fields})
@@ -159,11 +160,12 @@ def accumulate_counts(config: EMConfig, state: TrainState, class_counts: Array, 
 
 def m_step(config: EMConfig, state: TrainState) -> TrainState:
     """Sets π (if learned) and A (if learned) to their Dirichlet posterior means given the counts."""
-    if config.learn_pi:
-        state = state.replace(log_pi=dirichlet_log_probs(state.class_counts, config.pseudo_count))
-    if config.learn_A:
+    priors = config.priors
+    if priors.learn_pi:
+        state = state.replace(log_pi=dirichlet_log_probs(state.class_counts, priors.pseudo_count))
+    if priors.learn_A:
         state = state.replace(
-            log_A=dirichlet_log_probs(state.transition_counts, config.pseudo_count, config.sticky_count)
+            log_A=dirichlet_log_probs(state.transition_counts, priors.pseudo_count, priors.sticky_count)
         )
     return state
 
@@ -220,24 +222,23 @@ def make_em_step(
 
     Under a named mapped axis (``axis_name``, see ``hmdm_jax.parallel``) gradients and counts are summed
     across devices, so the update equals the single-device update on the global batch. Metrics: ``loss``,
-    ``temperature``, the E-step's metrics, and ``label_loss`` when ``config.label_loss_weight > 0``.
+    ``temperature``, the E-step's metrics, and ``label_loss`` when ``config.labels.loss_weight > 0``.
     """
 
     def train_step(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
         key_score, key_sample, key_loss, key_label = step_keys(config, key)
-        score_params = state.ema_params if config.score_with_ema else state.params
-        e = e_step(config, eps_fn, score_params, schedule, state, batch, (key_score, key_sample), axis_name)
+        e = e_step(config, eps_fn, state.params, schedule, state, batch, (key_score, key_sample), axis_name)
         step_before_update = state.step
         state, loss, supervised = denoising_step(
             state, eps_fn, schedule, optimizer, e.frames, e.classes, e.weights, key_loss,
-            ema_decay=ema_decay, label_dropout=config.label_dropout, null_class=config.num_classes,
+            ema_decay=ema_decay, label_dropout=config.labels.dropout, null_class=config.num_classes,
             axis_name=axis_name,
             extra_loss=observed_label_loss(config, eps_fn, schedule, e.frames, e.labels, e.label_prior,
                                            step_before_update, key_label, axis_name),
         )
         state = accumulate_counts(config, state, e.initial_counts, e.transition_counts)
         metrics = {"loss": loss, **e.metrics, "temperature": temperature_at(config, step_before_update)}
-        if config.label_loss_weight > 0:
+        if config.labels.loss_weight > 0:
             metrics["label_loss"] = supervised
         return state, metrics
 

@@ -1,17 +1,22 @@
-"""Warm starts for the class assignment: clusters of the frames (k-means or Ward), used as clamped labels for
-a few hundred steps before EM runs free (EM from a random start leaves dead or merged classes)."""
+"""Warm starts for the class assignment, used as clamped labels for a few hundred steps before EM runs free
+(EM from a random start leaves dead or merged classes): clusters of the frames (k-means or Ward), or, for
+sequences, the Viterbi path of a Gaussian HMM fitted to them (:mod:`hmdm_jax.gaussian_hmm`), which uses the
+chain as the HMDM does, so the diffusion model starts where the classical HMM ends."""
 from __future__ import annotations
 
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.decomposition import PCA
 
+from hmdm_jax import gaussian_hmm
+
 __all__ = [
-    "cluster_labels", "kmeans_labels", "MAX_WARD_FRAMES", "METHODS",
+    "cluster_labels", "gaussian_hmm_labels", "kmeans_labels", "MAX_WARD_FRAMES", "METHODS", "SEQUENCE_METHODS",
 ]
 
 
-METHODS = ("kmeans", "ward")
+METHODS = ("kmeans", "ward", "ghmm")
+SEQUENCE_METHODS = ("ghmm",)  # need sequences [N, n, *event] and their mask, not a set of frames
 MAX_WARD_FRAMES = 30_000  # Ward keeps an N × N distance structure: 30k frames ≈ 7 GB
 
 
@@ -37,6 +42,8 @@ def cluster_labels(frames: np.ndarray, num_classes: int, method: str = "kmeans",
     """
     if method == "kmeans":
         return kmeans_labels(frames, num_classes, seed=seed, pca_dims=pca_dims, seed_labels=seed_labels)
+    if method in SEQUENCE_METHODS:
+        raise ValueError(f"warm start {method!r} needs sequences: use gaussian_hmm_labels")
     if method != "ward":
         raise ValueError(f"unknown clustering method {method!r}; expected one of {METHODS}")
     if len(frames) > MAX_WARD_FRAMES:
@@ -72,3 +79,29 @@ def kmeans_labels(frames: np.ndarray, num_classes: int, seed: int = 0, pca_dims:
             means = np.stack([x[seed_labels == k].mean(0) for k in range(num_classes)])
             return KMeans(num_classes, init=means, n_init=1, random_state=seed).fit_predict(x).astype(np.int32)
     return KMeans(num_classes, n_init=10, random_state=seed).fit_predict(x).astype(np.int32)
+
+
+def gaussian_hmm_labels(sequences: np.ndarray, mask: np.ndarray, num_classes: int, seed: int = 0
+                        ) -> tuple[np.ndarray, dict]:
+    """The Viterbi states of a Gaussian HMM fitted to the sequences without labels, and what the fit decided.
+
+    The fit is the tuned classical model (:func:`gaussian_hmm.fit_gaussian_hmm` with its defaults: the PCA
+    dimension chosen by held-out likelihood on a share of these sequences, restarts chosen by training
+    likelihood), so the warm start is as good as the classical HMM on the same data.
+
+    Args:
+      sequences: ``[N, n, *event]`` frames; mask: ``[N, n]`` bool valid frames.
+
+    Returns:
+      ``([N, n] int32 states in 0..K−1, −1 at padding, record)``: the record is JSON-ready (the chosen PCA
+      dimension, the held-out score of every candidate, the restarts' training scores).
+    """
+    frames = np.asarray(sequences, np.float32)
+    frames = frames.reshape(frames.shape[:2] + (-1,))
+    fit = gaussian_hmm.fit_gaussian_hmm(frames, np.asarray(mask, bool), num_classes, seed=seed)
+    states = gaussian_hmm.decode(fit.model, frames, mask).astype(np.int32)
+    record = {"method": "ghmm", "pca_dim": int(fit.pca_dim),
+              "dim_scores": {str(d): float(v) for d, v in fit.dim_scores.items()},
+              "restart_scores": [float(v) for v in fit.restart_scores], "best_restart": int(fit.best_restart),
+              "log_likelihood_per_frame": float(fit.log_likelihood_per_frame)}
+    return states, record

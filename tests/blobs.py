@@ -33,7 +33,7 @@ def blob_config(model_type, steps, batch_size, *, warm_start="none", warm_start_
     """A run on the blobs: the MLP of ``mlp-small``, T = 200, no evaluation or checkpoints between the last."""
     return rc.RunConfig(
         model_type, models.get_model_config("mlp-small"),
-        em.EMConfig(num_classes=K, t_range=(0.02, 0.2)), (2,),
+        em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.02, 0.2))), (2,),
         optim=rc.OptimConfig(learning_rate=2e-3, warmup_steps=50),
         diffusion=rc.DiffusionConfig(timesteps=200),
         loop=rc.LoopConfig(**{**dict(train_steps=steps, batch_size=batch_size, checkpoint_every=0, log_every=50), **loop}),
@@ -44,8 +44,9 @@ def blob_config(model_type, steps, batch_size, *, warm_start="none", warm_start_
     )
 
 
-def with_em(config, **fields):
-    return dataclasses.replace(config, em=dataclasses.replace(config.em, **fields))
+def with_em(config, **groups):
+    """``config`` with ``em.replace(**groups)``: e.g. ``with_em(c, priors=dict(learn_pi=True))``."""
+    return dataclasses.replace(config, em=config.em.replace(**groups))
 
 
 def oracle_eps_fn(schedule):

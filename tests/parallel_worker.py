@@ -3,7 +3,6 @@
 Prints one JSON line per model with the largest absolute differences of loss, gradients (SGD with rate 1,
 so the parameter change is the gradient), EMA, π/A statistics and metrics.
 """
-import dataclasses
 import json
 import sys
 
@@ -33,13 +32,13 @@ def compare(name, mesh):
     params = models.init_params(jax.random.PRNGKey(0), model, EVENT)
     schedule = diffusion.linear_schedule(100)
     optimizer = optax.sgd(1.0)
-    config = em.EMConfig(num_classes=K, learn_pi=True, t_range=(0.05, 0.5), count_decay=1.0)
+    config = em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.05, 0.5)), priors=em.Priors(learn_pi=True, count_decay=1.0))
     if name == "mixture-label":
         # a cap of 8 frames is 2 per device, at least the observed frames of each share (one on each of
         # devices 0-2): the sharded loss must equal the single-device one
-        config = dataclasses.replace(config, label_loss_weight=0.5, label_loss_frames=8)
+        config = config.replace(labels=dict(loss_weight=0.5, loss_frames=8))
     if name == "mixture-balanced":  # the balanced E-step: class totals over the global batch
-        config = dataclasses.replace(config, balance_classes=True)
+        config = config.replace(balance_classes=True)
     factory = hmdm.make_train_step if model_type == "hmdm" else mixture.make_train_step
     if model_type == "hmdm":
         shape = (8, 5)

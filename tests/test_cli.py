@@ -145,3 +145,12 @@ def test_resume_says_its_step_and_checkpoint_errors_are_one_line(tmp_path):
     assert checkpoints(workdir) == ["2", "3"]
     missing = script("decode", "--workdir", workdir, "--input", tmp_path / "x.npz", "--output", tmp_path / "no" / "out.npz")
     assert_input_error(missing, "does not exist")  # the output folder, checked before anything is decoded
+    # a damaged latest checkpoint: decode falls back to the previous good step, says so, and ends cleanly
+    (workdir / "checkpoints" / "3" / "state" / "_METADATA").write_bytes(b"\x00not a checkpoint\xff" * 4)
+    frames = tmp_path / "frames.npz"
+    np.savez(frames, images=np.zeros((2, 5, 8, 8), np.uint8))
+    fallback = script("decode", "--workdir", workdir, "--input", frames, "--output", tmp_path / "out.npz",
+                      "--num-t", "1", "--no-progress")
+    assert fallback.returncode == 0, fallback.stderr[-3000:]
+    assert "restored step 2" in fallback.stderr + fallback.stdout, fallback.stderr[-2000:]
+    assert "Traceback" not in fallback.stderr and "Event loop is closed" not in fallback.stderr, fallback.stderr[-3000:]

@@ -1,6 +1,5 @@
 """The mixture and HMDM EM steps: posteriors, clamping, the balanced E-step, the label loss, the M-step and
 the scoring band, on three 2-D blobs with oracle or small networks (the loop is tested in test_run.py)."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, models, steps, warm_start
-from hmdm_jax import matching as am
+from hmdm_jax import diffusion, em, emission, hmdm, hmm, mixture, steps, warm_start
 from hmdm_jax.state import create_train_state
-from tests.blobs import CENTERS, K, STICKY_A, blob_config, blobs, markov_labels, oracle_eps_fn
+from tests.blobs import CENTERS, K, STICKY_A, blobs, markov_labels, oracle_eps_fn
 
 
 # ------------------------------------------------------------------------------------------ posteriors
@@ -22,8 +20,8 @@ def test_oracle_posterior_concentrates_on_true_class(estimator):
     schedule = diffusion.linear_schedule(200)
     labels = np.arange(300) % K
     y = jnp.asarray(CENTERS[labels])  # point masses: the oracle ε is exact for the true class
-    config = em.EMConfig(num_classes=K, estimator=estimator, num_t=8,
-                         t_range=(0.02, 0.2), temperature=1.0)
+    config = em.EMConfig(num_classes=K, scoring=em.Scoring(estimator=estimator, num_t=8, t_range=(0.02, 0.2)),
+                         temperature=em.Temperature(1.0))
     keys = em.frame_keys(jax.random.PRNGKey(0), len(labels))
     log_b = em.e_step_scores(config, oracle_eps_fn(schedule), jnp.asarray(CENTERS), schedule, y, keys, 0)
     post = np.exp(np.asarray(mixture.class_posterior(log_b, jnp.full((K,), -np.log(K)))))
@@ -33,7 +31,7 @@ def test_oracle_posterior_concentrates_on_true_class(estimator):
 
 
 def test_tempering_sharpens_and_annealing_interpolates():
-    config = em.EMConfig(num_classes=K, temperature=0.2, initial_temperature=5.0, anneal_steps=100)
+    config = em.EMConfig(num_classes=K, temperature=em.Temperature(final=0.2, initial=5.0, anneal_steps=100))
     np.testing.assert_allclose(em.temperature_at(config, 0), 5.0, rtol=1e-6)
     np.testing.assert_allclose(em.temperature_at(config, 50), np.sqrt(5.0 * 0.2), rtol=1e-5)
     np.testing.assert_allclose(em.temperature_at(config, 10**6), 0.2, rtol=1e-6)
@@ -54,7 +52,7 @@ def test_clamped_labels_are_never_changed():
     labels = markov_labels(rng, 4, 12)
     images = jnp.asarray(blobs(rng, labels))
     observed = np.where(rng.random(labels.shape) < 0.4, (labels + 1) % K, -1).astype(np.int32)  # wrong on purpose
-    config = em.EMConfig(num_classes=K, t_range=(0.02, 0.2))
+    config = em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.02, 0.2)))
     log_b = hmdm.sequence_log_emissions(config, oracle_eps_fn(schedule), jnp.asarray(CENTERS), schedule, images,
                                         jax.random.PRNGKey(2), 0, jnp.asarray(observed))
     log_A = jnp.log(jnp.asarray(STICKY_A, jnp.float32))
@@ -108,7 +106,8 @@ def test_balanced_mixture_step_shares_the_batch_even_when_one_class_explains_eve
     optimizer = optax.sgd(0.0)
     usage = {}
     for balance in (False, True):
-        config = em.EMConfig(num_classes=K, t_range=(0.02, 0.2), temperature=0.05, balance_classes=balance)
+        config = em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.02, 0.2)), temperature=em.Temperature(0.05),
+                            balance_classes=balance)
         step = jax.jit(mixture.make_train_step(config, oracle_eps_fn(schedule), schedule, optimizer))
         state = create_train_state(jax.random.PRNGKey(0), params, optimizer, K)
         usage[balance] = np.asarray(step(state, {"images": y}, jax.random.PRNGKey(1))[1]["class_usage"])
@@ -127,7 +126,8 @@ def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_
     labels = rng.integers(0, K, 24).astype(np.int32)
     y = jnp.asarray(blobs(rng, labels, spread=0.4))
     observed = np.where(rng.random(24) < 0.5, labels, -1).astype(np.int32)
-    config = em.EMConfig(num_classes=K, t_range=(0.02, 0.2), temperature=50.0, label_loss_weight=0.3)
+    config = em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.02, 0.2)), temperature=em.Temperature(50.0),
+                           labels=em.Labels(loss_weight=0.3))
     eps_fn = oracle_eps_fn(schedule)
     log_prior = jnp.log(jnp.asarray([0.5, 0.3, 0.2], jnp.float32))
     keys = em.frame_keys(jax.random.PRNGKey(8), 24)
@@ -163,10 +163,11 @@ def test_label_loss_frames_scores_observed_frames_first_and_a_cap_above_their_co
     observed[rows] = labels[rows]
     eps_fn, params = oracle_eps_fn(schedule), jnp.asarray(CENTERS) * 0.3
     log_prior, key = jnp.log(jnp.full(K, 1.0 / K)), jax.random.PRNGKey(12)
-    base = em.EMConfig(num_classes=K, t_range=(0.02, 0.2), temperature=50.0, label_loss_weight=0.3)
+    base = em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.02, 0.2)), temperature=em.Temperature(50.0),
+                           labels=em.Labels(loss_weight=0.3))
 
     def loss(cap):
-        config = dataclasses.replace(base, label_loss_frames=cap)
+        config = base.replace(labels=dict(loss_frames=cap))
         return float(em.observed_label_loss(config, eps_fn, schedule, y, jnp.asarray(observed), log_prior, 0, key)(params))
 
     uncapped = loss(None)
@@ -178,19 +179,20 @@ def test_label_loss_frames_scores_observed_frames_first_and_a_cap_above_their_co
                              log_prior, 0, jnp.float32(3))
     np.testing.assert_allclose(loss(3), float(expected), rtol=1e-6)
     assert abs(loss(3) - uncapped) > 1e-3
-    with pytest.raises(ValueError, match="label_loss_frames"):
-        em.EMConfig(num_classes=K, label_loss_frames=0)
+    with pytest.raises(ValueError, match="loss_frames"):
+        em.Labels(loss_frames=0)
 
 
 def test_paper_config_is_the_literal_algorithm():
     paper = em.EMConfig.paper(K)
-    assert (paper.estimator, paper.num_t, paper.temperature, paper.learn_pi) == ("random_t", 1, 1.0, True)
+    assert (paper.scoring.estimator, paper.scoring.num_t, paper.temperature.final, paper.priors.learn_pi) == (
+        "random_t", 1, 1.0, True)
     assert em.resolved_t_range(paper, 1000) is None
     assert em.resolved_t_range(em.EMConfig(num_classes=K), 1000) == (300, 600)
     with pytest.raises(ValueError, match="pseudo_count"):
-        em.EMConfig(num_classes=K, pseudo_count=0.0)
+        em.Priors(pseudo_count=0.0)
     with pytest.raises(ValueError, match="t_range"):
-        em.EMConfig(num_classes=K, t_range=(0.5, 0.2))
+        em.Scoring(t_range=(0.5, 0.2))
 
 
 def test_dirichlet_m_step_never_reaches_zero():

@@ -547,7 +547,8 @@ def test_em_config_band_reaches_every_estimator_that_takes_one(estimator, num_t)
     integer band."""
     seen = []
     eps_fn = t_spy_eps(seen)
-    config = hem.EMConfig(num_classes=2, estimator=estimator, num_t=num_t, t_range=(0.3, 0.6), temperature=0.5)
+    config = hem.EMConfig(num_classes=2, scoring=hem.Scoring(estimator=estimator, num_t=num_t, t_range=(0.3, 0.6)),
+                          temperature=hem.Temperature(0.5))
     y = jnp.asarray(np.random.default_rng(0).normal(size=(60, 2)), jnp.float32)
     keys = hem.frame_keys(jax.random.PRNGKey(0), 60)
     scores = hem.tempered_log_emissions(config, eps_fn, jnp.float32(0.5), SCHED_BIG, y, keys, jnp.int32(0))
@@ -562,7 +563,7 @@ def test_em_config_band_reaches_every_estimator_that_takes_one(estimator, num_t)
 @pytest.mark.parametrize("estimator", ["elbo", "last_decoder"])
 def test_em_band_for_fixed_t_estimator_raises_and_evaluation_drops_it(estimator):
     num_t = 4 if estimator == "elbo" else 1
-    config = hem.EMConfig(num_classes=2, estimator=estimator, num_t=num_t)  # the default band (0.3, 0.6)
+    config = hem.EMConfig(num_classes=2, scoring=hem.Scoring(estimator=estimator, num_t=num_t))  # the default band (0.3, 0.6)
     with pytest.raises(ValueError, match="does not apply to estimator"):
         hem.resolved_t_range(config, 1000)
     y, keys = jnp.zeros((3, 2)), hem.frame_keys(jax.random.PRNGKey(0), 3)
@@ -570,7 +571,8 @@ def test_em_band_for_fixed_t_estimator_raises_and_evaluation_drops_it(estimator)
     with pytest.raises(ValueError, match="does not apply to estimator"):
         hem.tempered_log_emissions(config, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
     evaluated = hem.evaluation_config(hem.EMConfig(num_classes=2), estimator=estimator, num_t=num_t)
-    assert (evaluated.estimator, evaluated.num_t, evaluated.t_range) == (estimator, num_t, None)
+    s = evaluated.scoring
+    assert (s.estimator, s.num_t, s.t_range) == (estimator, num_t, None)
     assert hem.resolved_t_range(evaluated, 1000) is None
     scores = hem.tempered_log_emissions(evaluated, zero_eps, None, SCHED_SMALL, y, keys, jnp.int32(0))
     assert scores.shape == (3, 2) and np.all(np.isfinite(scores))
@@ -579,25 +581,26 @@ def test_em_band_for_fixed_t_estimator_raises_and_evaluation_drops_it(estimator)
 @pytest.mark.parametrize("config,estimator,num_t,expected", [
     (hem.EMConfig.paper(2), None, 4, ("multi_t", 4, None)),
     (hem.EMConfig.paper(2), None, None, ("random_t", 1, None)),
-    (hem.EMConfig(2, t_range=None), "last_decoder", 8, ("last_decoder", 1, None)),
+    (hem.EMConfig(2, scoring=hem.Scoring(t_range=None)), "last_decoder", 8, ("last_decoder", 1, None)),
     (hem.EMConfig(2), "last_decoder", None, ("last_decoder", 1, None)),
     (hem.EMConfig(2), "elbo", 50, ("elbo", 50, None)),
     (hem.EMConfig(2), "multi_t", 4, ("multi_t", 4, (0.3, 0.6))),
-    (hem.EMConfig(2, estimator="elbo_term", t_range=(0.1, 0.2)), "random_t", 3, ("multi_t", 3, (0.1, 0.2))),
+    (hem.EMConfig(2, scoring=hem.Scoring(estimator="elbo_term", t_range=(0.1, 0.2))), "random_t", 3, ("multi_t", 3, (0.1, 0.2))),
     (hem.EMConfig(2), None, None, ("eps_mse", 2, (0.3, 0.6))),
 ])
 def test_evaluation_config_resolves_draws_and_band(config, estimator, num_t, expected):
     evaluated = hem.evaluation_config(config, estimator, num_t)
-    assert (evaluated.estimator, evaluated.num_t, evaluated.t_range) == expected
-    assert evaluated == dataclasses.replace(config, estimator=expected[0], num_t=expected[1], t_range=expected[2])
+    s = evaluated.scoring
+    assert (s.estimator, s.num_t, s.t_range) == expected
+    assert evaluated == config.replace(scoring=dict(estimator=expected[0], num_t=expected[1], t_range=expected[2]))
 
 
 def test_em_config_rejects_unknown_estimator_and_bad_num_t():
     with pytest.raises(ValueError, match=r"unknown estimator 'elbow'.*'eps_mse'"):
-        hem.EMConfig(num_classes=2, estimator="elbow")
+        hem.Scoring(estimator="elbow")
     with pytest.raises(ValueError, match="num_t"):
-        hem.EMConfig(num_classes=2, num_t=0)
-    hem.EMConfig(num_classes=2, estimator="elbo")  # a band is checked where it is used (overrides go one by one)
+        hem.Scoring(num_t=0)
+    hem.Scoring(estimator="elbo")  # a band is checked where it is used (overrides go one by one)
 
 
 # ------------------------------------------------------------------------------------ labels and posteriors

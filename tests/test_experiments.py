@@ -12,7 +12,6 @@ The mixture pipeline and the ablations end to end are marked slow (each adds its
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -174,7 +173,7 @@ def test_mixture_script_reports_masked_label_accuracy_only_when_some_labels_are_
     assert finite_in_unit(reported["0.5"]["masked_label_accuracy"])
     assert "masked_label_accuracy" not in reported["1.0"] and finite_in_unit(reported["1.0"]["accuracy"])
     config = json.loads((tmp_path / "0.5" / "config.json").read_text())
-    assert config["em"]["label_loss_weight"] == 0.1
+    assert config["em"]["labels"]["loss_weight"] == 0.1
 
 
 @pytest.mark.slow
@@ -223,12 +222,12 @@ def test_ablation_rows_are_the_documented_configs():
     assert base.warm_start.steps == 10 and notes  # shortened: 500 >= 30 steps
     rows = {r.name: ablations.row_config(base, r) for r in ablations.ROWS}
     assert rows["paper"].em == em.EMConfig.paper(K)
-    assert rows["paper_last_decoder"].em == em.EMConfig.paper(K, estimator="last_decoder")
-    assert rows["paper_multi_t"].em.estimator == "multi_t" and rows["paper_multi_t"].em.num_t > 1
-    assert rows["paper_elbo"].em.estimator == "elbo" and rows["paper_elbo"].em.num_t == 10
-    preset_em = em.EMConfig(K, num_t=1)  # the HMDM preset's E-step
+    assert rows["paper_last_decoder"].em == em.EMConfig.paper(K).replace(scoring=dict(estimator="last_decoder"))
+    assert rows["paper_multi_t"].em.scoring.estimator == "multi_t" and rows["paper_multi_t"].em.scoring.num_t > 1
+    assert rows["paper_elbo"].em.scoring.estimator == "elbo" and rows["paper_elbo"].em.scoring.num_t == 10
+    preset_em = em.EMConfig(K, scoring=em.Scoring(num_t=1))  # the HMDM preset's E-step
     assert base.em == preset_em
-    assert rows["untempered"].em == dataclasses.replace(preset_em, temperature=1.0)
+    assert rows["untempered"].em == preset_em.replace(temperature=em.Temperature(1.0))
     assert rows["default"].em == preset_em and rows["default"].warm_start.method == "kmeans"
     assert rows["default_no_warm_start"].warm_start.method == "none"
     assert rows["finetune"].warm_start.method == "none" and rows["finetune"].em == preset_em

@@ -490,5 +490,5 @@ def test_input_skip_lets_a_narrow_mlp_pass_the_noise_through():
 
     digits = run.preset("cpu-small", "hmdm", 10, (8, 8, 1))
     mnist = run.preset("cpu-small", "hmdm", 10, (28, 28, 1))
-    assert not digits.network.mlp_input_skip and digits.em.temperature == pytest.approx(0.15)
-    assert mnist.network.mlp_input_skip and mnist.em.temperature == pytest.approx(0.15 * 784 / 64)
+    assert not digits.network.mlp_input_skip and digits.em.temperature.final == pytest.approx(0.15)
+    assert mnist.network.mlp_input_skip and mnist.em.temperature.final == pytest.approx(0.15 * 784 / 64)

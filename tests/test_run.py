@@ -35,7 +35,7 @@ def test_fully_labelled_step_counts_are_the_label_counts(model_type):
     of the labels (so clamped classes reached the M-step unchanged)."""
     rng = np.random.default_rng(4)
     config = blob_config(model_type, 1, 4)
-    config = dataclasses.replace(config, em=dataclasses.replace(config.em, count_decay=1.0, learn_pi=True))
+    config = dataclasses.replace(config, em=config.em.replace(priors=dict(count_decay=1.0, learn_pi=True)))
     parts = rp.build_parts(config)
     state = rp.init_state(config, parts)
     step = rp.make_step(config, parts)
@@ -69,7 +69,7 @@ def test_label_loss_weight_adds_the_term_to_the_step_and_zero_keeps_the_old_draw
     assert em.step_keys(plain.em, key)[3] is None
     np.testing.assert_array_equal(jax.random.key_data(jnp.stack(em.step_keys(plain.em, key)[:3])),
                                   jax.random.key_data(jax.random.split(key, 3)))
-    config = dataclasses.replace(plain, em=dataclasses.replace(plain.em, label_loss_weight=1.0))
+    config = dataclasses.replace(plain, em=plain.em.replace(labels=dict(loss_weight=1.0)))
     parts = rp.build_parts(config)
     if model_type == "mixture":
         labels = rng.integers(0, K, 16).astype(np.int32)
@@ -169,14 +169,14 @@ def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path):
     (choice,) = [r for r in records if "t_range" in r]
     agreement = list(choice["band_agreement"].values())
     assert choice["step"] == 4 and tuple(choice["t_range"]) == em.CANDIDATE_BANDS[int(np.argmax(agreement))]
-    assert whole.config.em.t_range == tuple(choice["t_range"])
+    assert whole.config.em.scoring.t_range == tuple(choice["t_range"])
     trained, _, _, metadata = rp.load_run(tmp_path / "whole")
     assert trained == whole.config == config.with_decisions(metadata["decisions"]) != config
-    assert tuple(metadata["decisions"]["t_range"]) == whole.config.em.t_range
+    assert tuple(metadata["decisions"]["t_range"]) == whole.config.em.scoring.t_range
 
     run.train(config, data, tmp_path / "split", progress=False, stop_after=6)
     resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)
-    assert resumed.config.em.t_range == whole.config.em.t_range
+    assert resumed.config.em.scoring.t_range == whole.config.em.scoring.t_range
     for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -196,10 +196,32 @@ def test_warm_start_clusters_are_numbered_as_the_observed_labels():
     config = blob_config("mixture", 10, 8, warm_start="kmeans")
     for perm in ([0, 1, 2], [2, 0, 1]):
         labels = np.asarray(perm)[blob_of].astype(np.int32)
-        warm, after = batches.phase_labels(config, TrainData(images, labels, observed))
+        (warm, after), record = batches.phase_labels(config, TrainData(images, labels, observed))
+        assert record == {}  # a clustering decides nothing worth logging
         np.testing.assert_array_equal(warm[observed], labels[observed])
         np.testing.assert_array_equal(after, np.where(observed, labels, -1))
         assert np.mean(warm[~observed] == labels[~observed]) > 0.95
+
+
+def test_gaussian_hmm_warm_start_uses_the_chain_where_frame_clusters_cannot():
+    """Overlapping blobs on a sticky chain: k-means on the frames mislabels the overlap, the Gaussian HMM's
+    Viterbi path (fitted without labels) pools the neighbours and recovers the states; the warm start
+    follows observed labels, records what it chose, and is refused for the mixture."""
+    rng = np.random.default_rng(21)
+    states = markov_labels(rng, 60, 40, A=np.full((K, K), 0.025) + 0.925 * np.eye(K))
+    images = blobs(rng, states, spread=0.45)
+    observed = rng.random(states.shape) < 0.05
+    data = TrainData(images, states, observed, np.ones(states.shape, bool))
+    (warm, after), record = batches.phase_labels(blob_config("hmdm", 10, 8, warm_start="ghmm"), data)
+    (kmeans, _), _ = batches.phase_labels(blob_config("hmdm", 10, 8, warm_start="kmeans"), data)
+    accuracy = lambda labels: am.matched_accuracy(states.reshape(-1), labels.reshape(-1), K, K)[0]
+    assert accuracy(kmeans) < 0.9 and accuracy(warm) > 0.97, (accuracy(kmeans), accuracy(warm))
+    np.testing.assert_array_equal(warm[observed], states[observed])  # renumbered onto the observed labels
+    np.testing.assert_array_equal(after, np.where(observed, states, -1))
+    assert record["method"] == "ghmm" and record["pca_dim"] == 2 and len(record["restart_scores"]) == 3
+    assert record["restart_scores"][record["best_restart"]] == max(record["restart_scores"])
+    with pytest.raises(ValueError, match="needs sequences"):
+        blob_config("mixture", 10, 8, warm_start="ghmm")
 
 
 def test_ward_warm_start_separates_blobs_follows_observed_labels_and_refuses_huge_data(monkeypatch):
@@ -213,7 +235,7 @@ def test_ward_warm_start_separates_blobs_follows_observed_labels_and_refuses_hug
     np.testing.assert_array_equal(ward, warm_start.cluster_labels(images, K, "ward", pca_dims=None, seed=5))
     observed = rng.random(300) < 0.1
     config = blob_config("mixture", 10, 8, warm_start="ward")
-    warm, _ = batches.phase_labels(config, TrainData(images, blob_of.astype(np.int32), observed))
+    (warm, _), _ = batches.phase_labels(config, TrainData(images, blob_of.astype(np.int32), observed))
     np.testing.assert_array_equal(warm, blob_of)
     monkeypatch.setattr(warm_start, "MAX_WARD_FRAMES", 100)
     with pytest.raises(ValueError, match="O\\(N²\\) memory"):
@@ -257,12 +279,12 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert presets.preset("cpu-small", "mixture", 10, (28, 28, 1), num_images=60_000).warm_start.method == "kmeans"
     unlabelled = presets.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.0)
     labelled = presets.preset("cpu-small", "mixture", 10, (8, 8, 1), observed_labels=0.1)
-    assert (unlabelled.em.label_loss_weight, unlabelled.loop.train_steps) == (0, 3000)
-    assert (labelled.em.label_loss_weight, labelled.loop.train_steps) == (0.1, 6000)
-    assert presets.preset("cpu-small", "hmdm", 10, (8, 8, 1), observed_labels=0.1).em.label_loss_weight == 0
+    assert (unlabelled.em.labels.loss_weight, unlabelled.loop.train_steps) == (0, 3000)
+    assert (labelled.em.labels.loss_weight, labelled.loop.train_steps) == (0.1, 6000)
+    assert presets.preset("cpu-small", "hmdm", 10, (8, 8, 1), observed_labels=0.1).em.labels.loss_weight == 0
     hm = presets.preset("cpu-small", "hmdm", 10, (8, 8, 1))
     assert hm.evaluation.final_estimator is None and hm.loop.observed_batch_fraction == 0 and not hm.band.choose
-    assert hm.warm_start.method == "kmeans" and hm.em.t_range == (0.3, 0.6)
+    assert hm.warm_start.method == "kmeans" and hm.em.scoring.t_range == (0.3, 0.6)
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         rc.EvalConfig(final_estimator="elbow")
     with pytest.raises(ValueError, match="unknown preset"):
@@ -271,9 +293,9 @@ def test_presets_final_estimator_and_observed_batch_fraction():
 
 def test_overrides_name_unknown_fields_and_check_types():
     config = blob_config("mixture", 10, 8)
-    changed = rc.apply_overrides(config, ["em.temperature=0.3", "loop.train_steps=7", "em.t_range=[0.1, 0.4]",
-                                          "evaluation.final_estimator=elbo", "em.temperature=1"])
-    assert changed.em.temperature == 1.0 and changed.loop.train_steps == 7 and changed.em.t_range == (0.1, 0.4)
+    changed = rc.apply_overrides(config, ["em.temperature.final=0.3", "loop.train_steps=7", "em.scoring.t_range=[0.1, 0.4]",
+                                          "evaluation.final_estimator=elbo", "em.temperature.final=1"])
+    assert changed.em.temperature.final == 1.0 and changed.loop.train_steps == 7 and changed.em.scoring.t_range == (0.1, 0.4)
     assert changed.evaluation.final_estimator == "elbo"
     assert rc.RunConfig.from_dict(changed.to_dict()) == changed
     with pytest.raises(ValueError, match="em.temprature"):
@@ -284,6 +306,31 @@ def test_overrides_name_unknown_fields_and_check_types():
         rc.apply_overrides(config, ["loop.batch_size=0"])
     with pytest.raises(ValueError, match="seed must be"):
         rc.apply_overrides(config, ["seed=-1"])
+
+
+def test_em_options_are_grouped_and_a_config_of_another_layout_is_refused():
+    """EMConfig is four groups (scoring, temperature, priors, labels); options that mean something only
+    together are validated together, ``replace`` changes one field of a group, and a saved config whose
+    fields this version does not have (the flat EMConfig of before) is an error, not silent defaults."""
+    config = blob_config("hmdm", 10, 8)
+    assert [f.name for f in dataclasses.fields(em.EMConfig)] == [
+        "num_classes", "scoring", "temperature", "priors", "labels", "balance_classes"]
+    changed = config.em.replace(scoring=dict(num_t=3), priors=dict(sticky_count=2.0))
+    assert changed.scoring == dataclasses.replace(config.em.scoring, num_t=3)
+    assert changed.priors.sticky_count == 2.0 and changed.temperature == config.em.temperature
+    with pytest.raises(ValueError, match="initial and temperature.anneal_steps"):
+        em.Temperature(final=0.15, initial=1.0)  # an annealing without a length
+    with pytest.raises(ValueError, match="initial and temperature.anneal_steps"):
+        rc.apply_overrides(config, ["em.temperature.anneal_steps=100"])
+    # a pair is set together by giving the group as a JSON object
+    annealed = rc.apply_overrides(config, ['em.temperature={"initial": 2.0, "anneal_steps": 100}'])
+    assert annealed.em.temperature == em.Temperature(final=0.15, initial=2.0, anneal_steps=100)
+    with pytest.raises(ValueError, match="expects Temperature|unknown config field"):
+        rc.apply_overrides(config, ["em.temperature=0.2"])  # the flat path of before names the group
+    old = config.to_dict()
+    old["em"] = {"num_classes": 10, "estimator": "eps_mse", "temperature": 0.3}
+    with pytest.raises(ValueError, match=r"config.em has fields \['estimator'\]"):
+        rc.RunConfig.from_dict(old)
 
 
 def test_reseed_revives_dead_states_and_keeps_observed_labels():
@@ -350,7 +397,7 @@ def test_grid_elbo_decoding_is_untempered():
     """A likelihood bound is decoded at temperature 1: the mixture's posterior is exactly
     log_softmax(ELBO_k + log π) on the decoder's own draws (before: ELBO / training temperature)."""
     rng = np.random.default_rng(2)
-    config = with_em(blob_config("mixture", 4, 16), temperature=0.15)
+    config = with_em(blob_config("mixture", 4, 16), temperature=dict(final=0.15))
     parts = rp.build_parts(config)
     state = rp.init_state(config, parts)
     state = state.replace(log_pi=jnp.log(jnp.array([0.5, 0.3, 0.2])))
@@ -361,16 +408,16 @@ def test_grid_elbo_decoding_is_untempered():
                                  em.frame_keys(jax.random.fold_in(key, 0), 8), K, estimator="elbo", num_t=8)
     expected = jax.nn.log_softmax(elbo + state.log_pi, axis=-1)
     np.testing.assert_allclose(out["log_posterior"], np.asarray(expected), rtol=1e-5, atol=1e-4)
-    assert evaluation.decoding_config(config.em, "elbo", 8).temperature == 1.0
-    assert evaluation.decoding_config(config.em, None, 8).temperature == 0.15  # the tempered training scorer
+    assert evaluation.decoding_config(config.em, "elbo", 8).temperature.final == 1.0
+    assert evaluation.decoding_config(config.em, None, 8).temperature.final == 0.15  # the tempered training scorer
 
 
 @pytest.mark.parametrize("model_type", ["mixture", "hmdm"])
 def test_epoch_prior_update_happens_inside_the_functional_step(model_type):
-    """``prior_update="epoch"`` re-estimates π and A every ``epoch_steps`` steps in ``make_train_step``
+    """``priors.epoch_steps`` re-estimates π and A every ``epoch_steps`` steps in ``make_train_step``
     itself, from the counts of that epoch, then resets them (before: only ``train.train`` did it)."""
     rng = np.random.default_rng(3)
-    config = with_em(blob_config(model_type, 4, 4), prior_update="epoch", epoch_steps=2, learn_pi=True)
+    config = with_em(blob_config(model_type, 4, 4), priors=dict(epoch_steps=2, learn_pi=True))
     parts = rp.build_parts(config)
     state = rp.init_state(config, parts)
     step = rp.make_step(config, parts)
@@ -399,7 +446,7 @@ def test_epoch_prior_update_happens_inside_the_functional_step(model_type):
     np.testing.assert_allclose(np.exp(np.asarray(state.log_A)), (t + 1) / (t + 1).sum(1, keepdims=True), rtol=1e-5)
     assert float(jnp.sum(state.class_counts)) == 0 and float(jnp.sum(state.transition_counts)) == 0
     with pytest.raises(ValueError, match="epoch_steps"):
-        em.EMConfig(num_classes=K, prior_update="epoch")
+        em.Priors(epoch_steps=0)
 
 
 def test_the_core_and_run_layer_import_no_metrics_plotting_or_tensorflow():
@@ -481,6 +528,6 @@ def test_resume_says_where_it_resumes(tmp_path, capsys):
 def test_the_train_state_is_arrays_only_whatever_the_config():
     """Changing an option does not change the state's pytree structure (the config is not in the state;
     the checkpointer saves it beside)."""
-    a, b = blob_config("mixture", 4, 16), with_em(blob_config("mixture", 4, 16), temperature=0.5)
+    a, b = blob_config("mixture", 4, 16), with_em(blob_config("mixture", 4, 16), temperature=dict(final=0.5))
     structure = lambda c: jax.tree.structure(rp.init_state(c, rp.build_parts(c)))
     assert structure(a) == structure(b)

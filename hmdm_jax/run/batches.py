@@ -84,24 +84,29 @@ def batch_indices(seed: int, step: int, num_items: int, batch_size: int) -> np.n
     return perm[within * batch_size : (within + 1) * batch_size]
 
 
-def phase_labels(config: RunConfig, data: TrainData) -> np.ndarray:
+def phase_labels(config: RunConfig, data: TrainData) -> tuple[np.ndarray, dict]:
     """The labels fed to the step (−1 = free): ``[2, *labels.shape]``, row 0 during the warm start (observed
-    labels plus cluster labels on the rest), row 1 after (observed labels only)."""
+    labels plus the warm start's assignment on the rest), row 1 after (observed labels only); and the warm
+    start's record of what it decided (``{}`` for none or a clustering)."""
     clamped = data.clamped
     if not config.warm_start.active:
-        return np.stack([clamped, clamped])
-    valid, k = data.valid, config.num_classes
+        return np.stack([clamped, clamped]), {}
+    valid, k, method = data.valid, config.num_classes, config.warm_start.method
     clusters = np.full(data.labels.shape, -1, np.int32)
-    # with observed labels of every class, k-means starts from their class means (seeded k-means)
-    clusters[valid] = warm_start.cluster_labels(data.images[valid], k, config.warm_start.method, seed=config.seed,
-                                                seed_labels=clamped[valid])
+    record = {}
+    if method in warm_start.SEQUENCE_METHODS:
+        clusters, record = warm_start.gaussian_hmm_labels(data.images, valid, k, seed=config.seed)
+    else:
+        # with observed labels of every class, k-means starts from their class means (seeded k-means)
+        clusters[valid] = warm_start.cluster_labels(data.images[valid], k, method, seed=config.seed,
+                                                    seed_labels=clamped[valid])
     observed = valid & (clamped >= 0)
     if observed.any():
         # observed labels clamp state k to label k: renumber the clusters one-to-one onto them, otherwise
         # the warm start trains a state on one cluster and another label
         renumber = matching.best_matching(clamped[observed], clusters[observed], k, k)
         clusters[valid] = renumber[clusters[valid]]
-    return np.stack([np.where(clamped >= 0, clamped, clusters), clamped])
+    return np.stack([np.where(clamped >= 0, clamped, clusters), clamped]), record
 
 
 def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int, clamp: Clamp | None = None) -> dict:

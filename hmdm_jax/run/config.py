@@ -92,7 +92,8 @@ class WarmStartConfig:
 
     Attributes:
       method: "kmeans" (seeded by the class means of observed labels when every class has some), "ward"
-        (Ward's agglomerative clusters; at most ``warm_start.MAX_WARD_FRAMES`` frames) or "none".
+        (Ward's agglomerative clusters; at most ``warm_start.MAX_WARD_FRAMES`` frames), "ghmm" (HMDM only:
+        the Viterbi path of a Gaussian HMM fitted to the training sequences without labels) or "none".
       steps: length of the warm start.
     """
 
@@ -127,7 +128,7 @@ class ReseedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BandConfig:
-    """The label-free choice of the scoring band ``em.t_range`` at the end of the warm start: the candidate
+    """The label-free choice of the scoring band ``em.scoring.t_range`` at the end of the warm start: the candidate
     (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment on
     ``frames`` training frames (:func:`em.select_t_range`). Needs a warm start or observed labels."""
 
@@ -196,6 +197,9 @@ class RunConfig:
         _check(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         object.__setattr__(self, "event_shape", tuple(int(d) for d in self.event_shape))
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        _check(self.model_type == "hmdm" or self.warm_start.method not in warm_start.SEQUENCE_METHODS,
+               f"warm_start.method={self.warm_start.method!r} needs sequences (HMDM); the mixture's frames have "
+               "no chain: use kmeans or ward")
 
     @property
     def num_classes(self) -> int:
@@ -217,18 +221,24 @@ class RunConfig:
         if decisions.get("t_range") is None:
             return self
         band = tuple(float(b) for b in decisions["t_range"])
-        return dataclasses.replace(self, em=dataclasses.replace(self.em, t_range=band))
+        return dataclasses.replace(self, em=self.em.replace(scoring=dict(t_range=band)))
 
 
-def _from_dict(cls, d):
+def _from_dict(cls, d, path="config"):
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must be a mapping of {cls.__name__}'s fields, got {d!r}")
     hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:  # a config of another version: refuse rather than silently fall back to defaults
+        raise ValueError(f"{path} has fields {unknown} that {cls.__name__} does not have (a run written by "
+                         f"another version of hmdm_jax?); {cls.__name__} has {[f.name for f in dataclasses.fields(cls)]}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
             continue
         value, hint = d[f.name], hints[f.name]
         if dataclasses.is_dataclass(hint):
-            value = _from_dict(hint, value)
+            value = _from_dict(hint, value, f"{path}.{f.name}")
         elif isinstance(value, list):
             value = _to_tuple(value)
         kwargs[f.name] = value
@@ -240,11 +250,12 @@ def _to_tuple(value):
 
 
 def apply_overrides(config, overrides: list[str]):
-    """``config`` with dotted overrides applied, e.g. ``["loop.train_steps=100", "em.temperature=0.2"]``.
+    """``config`` with dotted overrides applied, e.g. ``["loop.train_steps=100", "em.temperature.final=0.2"]``.
 
     Values are parsed as JSON when possible (numbers, true/false, null, lists), else kept as strings, and
     must match the field's type: an unknown field or a value of the wrong type raises a ``ValueError``
-    that names the field.
+    that names the field. A group given as a JSON object sets several of its fields at once, for options
+    that are valid only together: ``'em.temperature={"initial": 2.0, "anneal_steps": 1000}'``.
     """
     for item in overrides:
         if "=" not in item:
@@ -264,12 +275,19 @@ def _replace_path(obj, names, value, full):
         raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has {sorted(fields)}")
     if len(names) == 1:
         hint = typing.get_type_hints(type(obj))[names[0]]
-        return dataclasses.replace(obj, **{names[0]: _coerce(value, hint, full)})
+        value = _coerce(value, hint, full)
+        if isinstance(value, dict):
+            current = dataclasses.asdict(getattr(obj, names[0]))
+            value = _from_dict(hint, {**current, **value}, full)
+        return dataclasses.replace(obj, **{names[0]: value})
     return dataclasses.replace(obj, **{names[0]: _replace_path(getattr(obj, names[0]), names[1:], value, full)})
 
 
 def _coerce(value, hint, full):
     """``value`` checked against the field's type ``hint`` (ints accepted for floats)."""
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        # a whole group as a JSON object: fields given replace the current ones (options that go together)
+        return value
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
     for option in options:
         if option is type(None) and value is None:

@@ -7,7 +7,6 @@ another; a likelihood bound (``"elbo"``) is decoded untempered, as the model's o
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -15,26 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hmdm_jax import em, hmdm, matching, mixture
+from hmdm_jax import em, emission, hmdm, matching, mixture
 from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.parts import RunParts, streams
 from hmdm_jax.state import TrainState
 
 __all__ = ["decoding_config", "evaluate", "final_decoding", "predict_states", "score_states"]
 
-UNTEMPERED = ("elbo",)  # estimators that are likelihood bounds: decoded at temperature 1
-
 
 def final_decoding(config: RunConfig) -> tuple[str, int]:
     """The estimator and t-draws of the final decoding (``evaluation.final_*``, else the training ones)."""
-    return config.evaluation.final_estimator or config.em.estimator, config.evaluation.final_num_t
+    return config.evaluation.final_estimator or config.em.scoring.estimator, config.evaluation.final_num_t
 
 
 def decoding_config(config: em.EMConfig, estimator: str | None = None, num_t: int | None = None) -> em.EMConfig:
     """The E-step options ``config`` with the decoding estimator and t-draws; untempered for a bound."""
     decode = em.evaluation_config(config, estimator, num_t)
-    if decode.estimator in UNTEMPERED:
-        decode = dataclasses.replace(decode, temperature=1.0, initial_temperature=None)
+    if emission.get_estimator(decode.scoring.estimator).is_bound:
+        decode = decode.replace(temperature=em.Temperature(final=1.0))
     return decode
 
 

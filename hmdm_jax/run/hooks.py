@@ -101,7 +101,7 @@ def choose_band(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
     pick = np.sort(np.random.default_rng([config.seed, loop.step, BAND_STREAM]).permutation(len(frames))
                    [: config.band.frames])
     state = loop.train_state
-    params = state.ema_params if config.em.score_with_ema else state.params
+    params = state.params
     band, agreement = em.select_t_range(config.em, ctx.parts.eps_fn, params, ctx.parts.schedule,
                                         jnp.asarray(frames[pick]), jnp.asarray(classes[pick], jnp.int32), key)
     agreement = [float(a) for a in np.asarray(agreement)]

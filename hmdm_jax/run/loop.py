@@ -131,7 +131,7 @@ def train(
     _prepare_workdir(workdir, resume, overwrite)
     parts = build_parts(config)
     keys = streams(config.seed)
-    labels = phase_labels(config, data)
+    labels, start_record = phase_labels(config, data)
     if config.band.choose and not (labels[0] >= 0).any():
         raise ValueError("band.choose picks the band from the warm-start assignment: set warm_start.method "
                          "(or observe some labels)")
@@ -162,6 +162,12 @@ def train(
             print(message, flush=True)
 
     ctx = RunContext(config, parts, data, heldout, labels, keys, true_A, log)
+    if start_record and not resume:
+        log({"warm_start": start_record},
+            f"warm start: Gaussian HMM on PCA-{start_record['pca_dim']} (chosen by held-out log-likelihood per "
+            "frame: " + ", ".join(f"{d}: {v:.2f}" for d, v in start_record["dim_scores"].items())
+            + f"), restart {start_record['best_restart']} of "
+            + ", ".join(f"{v:.2f}" for v in start_record["restart_scores"]) + " (training log-likelihood per frame)")
     if resume:
         log({"resumed": loop.step}, f"resuming from step {loop.step} of {config.loop.train_steps}")
 

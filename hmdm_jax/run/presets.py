@@ -26,13 +26,13 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
 
     ``data`` is the record of where the frames came from, saved in the config (``source=...``,
     ``num_images=...``). Two entries change the mixture's ``cpu-small`` preset: ``observed_labels > 0``
-    turns on the label loss (``em.label_loss_weight = 0.1``) and 6,000 steps; ``num_images`` up to
+    turns on the label loss (``em.labels.loss_weight = 0.1``) and 6,000 steps; ``num_images`` up to
     ``warm_start.MAX_WARD_FRAMES`` (or absent) gives it Ward's warm start, larger sets k-means.
     """
     event_shape = tuple(int(d) for d in event_shape)
     sequences = model_type == "hmdm"
     # HMDM scores one t-draw per frame and step: its chain pools the evidence of neighbouring frames
-    em_config = em.EMConfig(num_classes=num_classes, num_t=1 if sequences else 2)
+    em_config = em.EMConfig(num_classes=num_classes, scoring=em.Scoring(num_t=1 if sequences else 2))
     record = tuple(data.items())
     if name == "cpu-small":
         # Frames larger than the width need the input skip to pass the noise through. Class scores are sums
@@ -41,7 +41,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         dim = int(np.prod(event_shape))
         network = dataclasses.replace(models.get_model_config("mlp"), mlp_width=256, mlp_depth=3,
                                       mlp_input_skip=dim > 256)
-        em_config = dataclasses.replace(em_config, temperature=em_config.temperature * max(1.0, dim / 64))
+        em_config = em_config.replace(temperature=dict(final=em_config.temperature.final * max(1.0, dim / 64)))
         loop = LoopConfig(train_steps=3000, batch_size=8 if sequences else 256)
         if sequences:
             return RunConfig(model_type, network, em_config, event_shape, loop=loop, data=record)
@@ -52,7 +52,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         evaluation = EvalConfig(final_estimator="elbo", final_num_t=50)
         if data.get("observed_labels", 0) > 0:
             # without labels the label loss would only cost K network passes
-            em_config = dataclasses.replace(em_config, label_loss_weight=0.1)
+            em_config = em_config.replace(labels=dict(loss_weight=0.1))
             loop = dataclasses.replace(loop, train_steps=6000)
         return RunConfig(model_type, network, em_config, event_shape, loop=loop,
                          warm_start=WarmStartConfig("ward" if fits_ward else "kmeans"),
