@@ -112,14 +112,17 @@ class WarmStartConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReseedConfig:
-    """Dead-state re-seeding: every ``every`` steps after the warm start, decode the training frames; a
-    state used by fewer than ``min_usage / K`` of them takes one 2-means half of the most used state's
-    frames, clamped for ``steps`` steps. ``every = 0`` disables it; ``num_t`` is the decoding's t-draws."""
+    """Re-seeding: every ``every`` steps after the warm start, decode the training frames; a state used by
+    fewer than ``min_usage / K`` of them takes one 2-means half of the most used state's frames, clamped for
+    ``steps`` steps. With no dead state and ``split_merge``, the label-free split–merge move of
+    :func:`hmdm_jax.moves.split_merge_move` (a state holding two clusters split, a pair sharing one merged)
+    is clamped the same way when it gains. ``every = 0`` disables both; ``num_t`` is the decoding's t-draws."""
 
     every: int = 500
     min_usage: float = 0.5
     steps: int = 250
     num_t: int = 4
+    split_merge: bool = False
 
     def __post_init__(self):
         _check(self.every >= 0 and self.steps >= 0 and self.num_t >= 1, "reseed.every, steps >= 0 and num_t >= 1")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmdm_jax import em, matching, warm_start
+from hmdm_jax import em, matching, moves, warm_start
 from hmdm_jax.run.batches import Clamp, TrainData
 from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.evaluation import evaluate, predict_states
@@ -21,7 +21,7 @@ from hmdm_jax.run.parts import RunParts, Streams
 from hmdm_jax.state import TrainState
 
 __all__ = ["Hook", "LoopState", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
-           "reseed_dead_states", "revived_labels"]
+           "reseed_dead_states", "revived_labels", "split_merge_labels"]
 
 
 BAND_STREAM = 0x5E1EC7  # with seed and step, seeds the host-side draw of the frames scored for the band
@@ -149,9 +149,31 @@ def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_us
     return np.where(touched, current, clamped).astype(np.int32), splits
 
 
+def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, seed: int
+                       ) -> tuple[np.ndarray, moves.SplitMerge] | None:
+    """Clamp labels of the best split–merge move of the decoded ``states`` (shaped like ``data.labels``), or
+    None when no move gains or labels are observed (observed labels already anchor every state they name).
+
+    The frames of the three states involved are clamped to their states after the move; the rest stay free.
+    """
+    valid, clamped = data.valid, data.clamped
+    if (clamped >= 0).any() or num_classes < 3:
+        return None
+    event_ndim = data.images.ndim - states.ndim
+    frames = data.images[valid].reshape((-1,) + data.images.shape[-event_ndim:])
+    move = moves.split_merge_move(frames, states[valid], num_classes, seed=seed)
+    if move is None:
+        return None
+    labels = np.full(states.shape, -1, np.int32)
+    involved = np.isin(states[valid], [move.split, *move.merge])
+    labels[valid] = np.where(involved, move.states, -1)
+    return labels, move
+
+
 def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
     """Every ``reseed.every`` steps after the warm start (while ``reseed.steps`` still fit in the run):
-    decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps."""
+    decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps; with no dead
+    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains."""
     config, r = ctx.config, ctx.config.reseed
     if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
             and loop.step + r.steps < config.loop.train_steps):
@@ -161,7 +183,7 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
                             key=jax.random.fold_in(ctx.streams.heuristics, loop.step))["states"]
     revived = revived_labels(ctx.data, states, config.num_classes, r.min_usage, config.seed)
     if revived is None:
-        return loop
+        return _split_merge(ctx, loop, states) if r.split_merge else loop
     labels, splits = revived
     loop.clamp = Clamp(loop.step + r.steps, labels)
     usage = matching.class_usage(states[ctx.data.valid], config.num_classes)
@@ -170,6 +192,22 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
             f"step {loop.step}: re-seeding dead states " + ", ".join(
                 f"{d} (usage {usage[d]:.3f}) from a half of {s}" for d, s in splits)
             + f"; clamped until step {loop.clamp.until}")
+    return loop
+
+
+def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray) -> LoopState:
+    config = ctx.config
+    proposed = split_merge_labels(ctx.data, states, config.num_classes, config.seed)
+    if proposed is None:
+        ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move gains")
+        return loop
+    labels, move = proposed
+    loop.clamp = Clamp(loop.step + config.reseed.steps, labels)
+    ctx.log({"split_merge": {"split": move.split, "merge": list(move.merge), "gain": move.gain, "loss": move.loss},
+             "clamped_until": loop.clamp.until},
+            f"step {loop.step}: split state {move.split} (gain {move.gain:.0f} nats) and merged state {move.merge[1]} "
+            f"into {move.merge[0]} (loss {move.loss:.0f} nats); {move.merge[1]} takes the second half of "
+            f"{move.split}; clamped until step {loop.clamp.until}")
     return loop
 
 

@@ -1,0 +1,79 @@
+"""The label-free split–merge move: on a constructed assignment with two clusters forced into one state and
+one cluster shared by two states (the fixed point EM and dead-state re-seeding cannot leave), it finds the
+one move that repairs it, and on a correct assignment it proposes nothing."""
+import numpy as np
+import pytest
+
+from hmdm_jax import matching, moves
+from hmdm_jax.run.batches import TrainData
+from hmdm_jax.run.hooks import revived_labels, split_merge_labels
+
+CLUSTERS = 4
+
+
+def clustered(rng, per_cluster=(150,) * CLUSTERS, dims=6, spread=0.3):
+    centres = 3.0 * np.eye(CLUSTERS, dims)
+    truth = np.repeat(np.arange(CLUSTERS), per_cluster)
+    return centres[truth] + spread * rng.standard_normal((len(truth), dims)), truth
+
+
+def merged_and_shared(truth, rng):
+    """State 0 holds clusters 0 and 1; cluster 2 is split at random between states 1 and 2; state 3 = cluster 3."""
+    states = np.select([truth <= 1, truth == 2], [0, 1 + rng.integers(0, 2, len(truth))], 3).astype(np.int32)
+    assert matching.matched_accuracy(truth, states, CLUSTERS, CLUSTERS)[0] < 0.8
+    return states
+
+
+def test_the_move_splits_the_double_state_and_merges_the_shared_pair():
+    rng = np.random.default_rng(0)
+    x, truth = clustered(rng)
+    move = moves.split_merge_move(x, merged_and_shared(truth, rng), CLUSTERS)
+    assert move is not None and move.split == 0 and sorted(move.merge) == [1, 2]
+    assert move.gain > move.loss > 0 and move.net_per_frame > 0
+    assert matching.matched_accuracy(truth, move.states, CLUSTERS, CLUSTERS)[0] == 1.0
+
+
+def test_a_correct_assignment_gets_no_move_and_a_dead_state_is_revived():
+    rng = np.random.default_rng(1)
+    x, truth = clustered(rng)
+    assert moves.split_merge_move(x, truth, CLUSTERS) is None
+    dead = np.where(truth == 1, 0, truth)  # clusters 0 and 1 in state 0; state 1 empty
+    move = moves.split_merge_move(x, dead, CLUSTERS)
+    assert move is not None and move.split == 0 and 1 in move.merge and move.loss == pytest.approx(0.0, abs=1e-6)
+    assert matching.matched_accuracy(truth, move.states, CLUSTERS, CLUSTERS)[0] == 1.0
+
+
+def test_gaussian_log_likelihood_is_the_closed_form():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 3)) @ np.array([[1.0, 0.3, 0.0], [0.0, 0.5, 0.2], [0.0, 0.0, 0.7]])
+    from scipy.stats import multivariate_normal
+    cov = np.cov(x.T, bias=True) + 0.1 * np.eye(3)
+    expected = multivariate_normal(x.mean(0), cov).logpdf(x).sum()
+    assert moves.gaussian_log_likelihood(x, 0.1) == pytest.approx(expected, rel=1e-10)
+
+
+def test_the_hook_clamps_the_repair_where_dead_state_reseeding_sees_nothing_to_do():
+    """Sequences of frames decoded into the merged-and-shared states: re-seeding finds no dead state (the old
+    default leaves it), the split–merge labels clamp exactly the three involved states to the repair, and
+    nothing is moved when some labels are observed."""
+    rng = np.random.default_rng(3)
+    x, truth = clustered(rng, (150, 150, 300, 150))  # the shared cluster's halves are used well above 0.5 / K
+    order = rng.permutation(len(truth))
+    shape = (30, 25)
+    images, labels = x[order].reshape(shape + (x.shape[1],)), truth[order].reshape(shape).astype(np.int32)
+    states = merged_and_shared(labels.reshape(-1), rng).reshape(shape)
+    data = TrainData(images.astype(np.float32), labels, np.zeros(shape, bool), np.ones(shape, bool))
+    assert revived_labels(data, states, CLUSTERS, min_usage=0.5, seed=0) is None
+    clamp, move = split_merge_labels(data, states, CLUSTERS, seed=0)
+    involved = np.isin(states, [move.split, *move.merge])
+    assert np.all(clamp[~involved] == -1) and np.all(clamp[involved] >= 0)
+    assert matching.matched_accuracy(labels[involved], clamp[involved], CLUSTERS, CLUSTERS)[0] == 1.0
+    observed = TrainData(data.images, labels, rng.random(shape) < 0.1, data.mask)
+    assert split_merge_labels(observed, states, CLUSTERS, seed=0) is None
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="one entry per frame"):
+        moves.split_merge_move(np.zeros((10, 2)), np.zeros(9, int), 3)
+    with pytest.raises(ValueError, match="K >= 3"):
+        moves.split_merge_move(np.zeros((10, 2)), np.zeros(10, int), 2)
