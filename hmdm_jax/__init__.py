@@ -7,7 +7,9 @@ Layers (imports point down):
                     step, ε-loss, M-step), ``mixture`` and ``hmdm`` (their E-steps, decoding), ``state``,
                     ``parallel``
   run layer         ``run`` (configs, presets, loop and hooks, evaluation), ``checkpoint``
-  data, networks    ``data``, ``models``, ``warm_start``, ``matching`` (label switching), ``sampling``
+  data, networks    ``data``, ``models``, ``warm_start`` (clusters, or a Gaussian HMM's path, as the start),
+                    ``gaussian_hmm`` (the tuned classical HMM), ``moves`` (the split–merge move),
+                    ``matching`` (label switching), ``sampling``
 ``hmdm_jax.metrics`` (NLL, FID, figures, baselines) is used by the scripts only.
 
 Typical use::
@@ -23,8 +25,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MODULES = ("checkpoint", "data", "diffusion", "em", "emission", "hmdm", "hmm", "matching", "mixture", "models",
-            "parallel", "run", "sampling", "state", "steps", "warm_start")
+_MODULES = ("checkpoint", "data", "diffusion", "em", "emission", "gaussian_hmm", "hmdm", "hmm", "matching", "mixture",
+            "models", "moves", "parallel", "run", "sampling", "state", "steps", "warm_start")
 _ENTRY_POINTS = {"EMConfig": "em", "RunConfig": "run", "TrainData": "run", "load_run": "run", "preset": "run",
                  "train": "run", "TrainState": "state", "create_train_state": "state"}
 
