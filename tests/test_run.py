@@ -285,6 +285,7 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     hm = presets.preset("cpu-small", "hmdm", 10, (8, 8, 1))
     assert hm.evaluation.final_estimator is None and hm.loop.observed_batch_fraction == 0 and not hm.band.choose
     assert hm.warm_start.method == "kmeans" and hm.em.scoring.t_range == (0.3, 0.6)
+    assert hm.reseed.split_merge and not unlabelled.reseed.split_merge  # the move is measured on HMDM only
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         rc.EvalConfig(final_estimator="elbow")
     with pytest.raises(ValueError, match="unknown preset"):

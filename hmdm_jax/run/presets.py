@@ -13,12 +13,15 @@ import dataclasses
 import numpy as np
 
 from hmdm_jax import em, models, warm_start
-from hmdm_jax.run.config import (BandConfig, EvalConfig, LoopConfig, OptimConfig, RunConfig,
+from hmdm_jax.run.config import (BandConfig, EvalConfig, LoopConfig, OptimConfig, ReseedConfig, RunConfig,
                                  WarmStartConfig)
 
 __all__ = ["PRESETS", "preset"]
 
 PRESETS = ("cpu-small", "gpu", "tpu")
+# HMDM: with no dead state, the label-free split-merge move (a state holding two digits split, a pair sharing
+# one merged): the fixed point a sticky chain otherwise ends in (RESULTS.md)
+HMDM_RESEED = ReseedConfig(split_merge=True)
 
 
 def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int, ...], **data) -> RunConfig:
@@ -44,7 +47,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         em_config = em_config.replace(temperature=dict(final=em_config.temperature.final * max(1.0, dim / 64)))
         loop = LoopConfig(train_steps=3000, batch_size=8 if sequences else 256)
         if sequences:
-            return RunConfig(model_type, network, em_config, event_shape, loop=loop, data=record)
+            return RunConfig(model_type, network, em_config, event_shape, loop=loop, reseed=HMDM_RESEED, data=record)
         # The mixture: Ward's clusters (O(N²) memory) as the start, the label-free band choice, and
         # decoding by the grid ELBO, a classification by the model's own likelihood bound.
         fits_ward = data.get("num_images", 0) <= warm_start.MAX_WARD_FRAMES
@@ -63,7 +66,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         loop = LoopConfig(train_steps=50_000, batch_size=frames // 32 if sequences else frames, checkpoint_every=2000)
         optim = OptimConfig(learning_rate=2e-4, warmup_steps=1000, ema_decay=0.9995)
         return RunConfig(model_type, network, em_config, event_shape, optim=optim, loop=loop,
-                         evaluation=EvalConfig(every=5000), data=record)
+                         reseed=HMDM_RESEED if sequences else ReseedConfig(), evaluation=EvalConfig(every=5000),
+                         data=record)
     raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
 
 
