@@ -75,6 +75,9 @@ def test_hmdm_script_results(hmdm_run):
     assert saved["steps"] == 4 and saved["model"] == "hmdm"
     assert finite_in_unit(saved["heldout_accuracy"])
     assert np.allclose(np.sum(saved["A_learned"], axis=1), 1.0, atol=1e-3)
+    assert finite_in_unit(saved["heldout_framewise_accuracy"])  # the same emissions without the chain
+    b = saved["baselines"]
+    assert b["gaussian_hmm_best_pca_by_labels"]["accuracy"] >= b["gaussian_hmm"]["accuracy"]  # a max over d
     assert (workdir / "metrics.jsonl").exists() and (workdir / "checkpoints").is_dir()
 
 

@@ -43,4 +43,4 @@ def test_the_table_is_read_from_finished_runs_without_training(tmp_path):
     rows = generalisation.main(["--workdir", str(tmp_path), "--settings", "sticky0.9,npz-sticky0.9"])
     assert [r["setting"] for r in rows] == ["sticky0.9", "npz-sticky0.9"]
     table = (tmp_path / "generalisation.md").read_text()
-    assert "| sticky0.9 | 0 | 0.9800 | 0.0100 | 0.9000 | 0.9000 | 0.8000 | 0.7000 | +0.0800 | 1.5 |" in table
+    assert "| sticky0.9 | 0 | 0.9800 | 0.0100 | 0.9000 | 0.9000 | – | 0.8000 | 0.7000 | +0.0800 | 1.5 |" in table
