@@ -83,11 +83,12 @@ class ConditioningEmbedding(nn.Module):
 def select_class(k: Array, num_classes: int, heads: Array) -> Array:
     """Row ``k[b]`` of ``heads[b]`` for each b: ``heads [B, K + 1, ...]``, ``k [B]`` → ``[B, ...]``.
 
-    The multi-head networks' way to pick one class's prediction out of all of them. Like the class
-    table, an out-of-range ``k`` (e.g. −1, an unknown label) gives NaN instead of wrapping around.
+    The multi-head networks' way to pick one class's prediction out of all of them: a one-hot
+    contraction, whose gradient is a dense product (a gather's scatter-add gradient is slower on CPU).
+    Like the class table, an out-of-range ``k`` (e.g. −1, an unknown label) gives NaN instead of
+    wrapping around.
     """
     k = jnp.asarray(k, jnp.int32)
+    picked = jnp.einsum("bk...,bk->b...", heads, jax.nn.one_hot(k, num_classes + 1, dtype=heads.dtype))
     in_range = (k >= 0) & (k <= num_classes)
-    index = jnp.clip(k, 0, num_classes).reshape((-1,) + (1,) * (heads.ndim - 1))
-    picked = jnp.take_along_axis(heads, index, axis=1)[:, 0]
     return jnp.where(in_range.reshape((-1,) + (1,) * (picked.ndim - 1)), picked, jnp.nan)
