@@ -107,8 +107,7 @@ def main(argv=None):
         framewise_state = result.state.replace(log_pi=flat[0], log_A=flat)
         framewise = run.predict_states(config, result.parts, framewise_state, held_data.images, held_data.mask,
                                        num_t=num_t, estimator=estimator)["states"]
-        ev["heldout_framewise_accuracy"] = matching.matched_accuracy(held_data.labels, framewise, None, k)[0] \
-            if (held_data.labels >= 0).any() else None
+        ev["heldout_framewise_accuracy"] = run.score_states(held_data.labels, framewise, k).get("accuracy")
     learned_A = np.exp(np.asarray(result.state.log_A))
     results = {
         "model": "hmdm", "data": args.data, "seed": args.seed, "steps": int(result.state.step),

@@ -278,19 +278,17 @@ def _replace_path(obj, names, value, full):
         raise ValueError(f"unknown config field {full!r}: {type(obj).__name__} has {sorted(fields)}")
     if len(names) == 1:
         hint = typing.get_type_hints(type(obj))[names[0]]
-        value = _coerce(value, hint, full)
-        if isinstance(value, dict):
-            current = dataclasses.asdict(getattr(obj, names[0]))
-            value = _from_dict(hint, {**current, **value}, full)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            # a whole group as a JSON object: the fields given replace the current ones (options that go together)
+            value = _from_dict(hint, {**dataclasses.asdict(getattr(obj, names[0])), **value}, full)
+        else:
+            value = _coerce(value, hint, full)
         return dataclasses.replace(obj, **{names[0]: value})
     return dataclasses.replace(obj, **{names[0]: _replace_path(getattr(obj, names[0]), names[1:], value, full)})
 
 
 def _coerce(value, hint, full):
     """``value`` checked against the field's type ``hint`` (ints accepted for floats)."""
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        # a whole group as a JSON object: fields given replace the current ones (options that go together)
-        return value
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
     for option in options:
         if option is type(None) and value is None:

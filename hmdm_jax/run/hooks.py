@@ -100,9 +100,7 @@ def choose_band(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
     key = jax.random.fold_in(ctx.streams.heuristics, loop.step)
     pick = np.sort(np.random.default_rng([config.seed, loop.step, BAND_STREAM]).permutation(len(frames))
                    [: config.band.frames])
-    state = loop.train_state
-    params = state.params
-    band, agreement = em.select_t_range(config.em, ctx.parts.eps_fn, params, ctx.parts.schedule,
+    band, agreement = em.select_t_range(config.em, ctx.parts.eps_fn, loop.train_state.params, ctx.parts.schedule,
                                         jnp.asarray(frames[pick]), jnp.asarray(classes[pick], jnp.int32), key)
     agreement = [float(a) for a in np.asarray(agreement)]
     loop.decisions = {**loop.decisions, "t_range": [float(b) for b in band]}
