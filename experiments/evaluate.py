@@ -87,6 +87,9 @@ def parse_args(argv=None):
     g.add_argument("--num-samples", type=int, default=500, help="generated images for FID (default 500)")
     g.add_argument("--sampler", default="ancestral", choices=sampling.SAMPLERS, help="ancestral (DDPM, T steps) or ddim")
     g.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps S (required by --sampler ddim)")
+    g.add_argument("--guidance-weight", type=float, default=0.0,
+                   help="classifier-free guidance weight ω of the samples (default 0: the plain conditional model); "
+                        "needs a run trained with em.labels.dropout > 0, which trains the null class")
     g.add_argument("--sample-batch", type=int, default=500, help="frames generated per sampler call (default 500)")
     g.add_argument("--no-ema", action="store_true", help="sample and score NLL with the raw parameters instead of the EMA")
     g.add_argument("--inception-weights", default=None,
@@ -351,11 +354,12 @@ def draw_images(args, config, parts, params, classes: np.ndarray, batch: int, ke
         m = len(c)
         c = np.concatenate([c, np.zeros(batch - m, np.int32)])
         key_i = jax.random.fold_in(key, i)
+        guidance = dict(guidance_weight=args.guidance_weight, null_class=config.num_classes)
         if args.sampler == "ddim":
             imgs = sampling.ddim_sample(key_i, parts.eps_fn, params, parts.schedule, c, event,
-                                        num_steps=int(args.sampling_steps))
+                                        num_steps=int(args.sampling_steps), **guidance)
         else:
-            imgs = sampling.ancestral_sample(key_i, parts.eps_fn, params, parts.schedule, c, event)
+            imgs = sampling.ancestral_sample(key_i, parts.eps_fn, params, parts.schedule, c, event, **guidance)
         out.append(np.asarray(imgs)[:m])
     return np.concatenate(out)
 
@@ -416,6 +420,7 @@ def fid_section(args, config, parts, state, data: RunData, acc_internals: dict) 
     sampler_name = "ddim (eta 0)" if args.sampler == "ddim" else "ddpm-ancestral"
     rec = metrics.fid_record(metrics.fid_from_features(real_f, fake_f), num_samples=len(samples), sampler=sampler_name,
                              steps=int(steps), ema=not args.no_ema, feature_net=feature_net)
+    rec["guidance_weight"] = float(args.guidance_weight)
     rec.update(record_extra)
     rec.update(real_images=len(real), real_split="training split (valid frames)" if length else "the data set",
                classes_from="generated Markov state sequences (pi, A)" if length else "classes drawn from pi",
@@ -536,6 +541,9 @@ def main(argv=None):
     args = parse_args(argv)
     workdir = Path(args.workdir)
     config, parts, state, metadata = _load(workdir, args.step)
+    if args.guidance_weight and not args.no_fid and config.em.labels.dropout == 0:
+        raise ValueError(f"--guidance-weight {args.guidance_weight} samples from the null class, which this run never "
+                         "trained (em.labels.dropout = 0); train with --set em.labels.dropout=0.1 or sample with ω = 0")
     step = int(state.step)
     print(f"evaluating {workdir}: {config.model_type}, K={config.em.num_classes}, step {step}, data "
           f"{dict(config.data).get('source')}", flush=True)

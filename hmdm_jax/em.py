@@ -36,6 +36,8 @@ __all__ = [
 
 Array = jax.Array
 EpsFn = Callable[[Any, Array, Array, Array], Array]
+# the dropout-on form, train_eps_fn(dropout_key, params, z_t, t, k) (models.make_train_eps_fn)
+TrainEpsFn = Callable[[Array, Any, Array, Array, Array], Array]
 
 COUNTS_FROM = ("sampled", "smoothed")
 

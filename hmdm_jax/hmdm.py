@@ -28,6 +28,7 @@ from hmdm_jax.em import (
     EpsFn,
     evaluation_config,
     frame_keys,
+    TrainEpsFn,
     e_step_scores,
 )
 from hmdm_jax.parallel import pmean_if, psum_if
@@ -109,6 +110,7 @@ def make_train_step(
     *,
     ema_decay: float = 0.999,
     axis_name: str | None = None,
+    train_eps_fn: TrainEpsFn | None = None,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
     """``train_step(state, batch, key) -> (state, metrics)`` for HMDM: :func:`steps.make_em_step` with
     :func:`sample_paths` (jit it, or map it over devices with ``hmdm_jax.parallel``).
@@ -122,7 +124,8 @@ def make_train_step(
         # the states of a sequence are sampled jointly (FFBS); a per-frame rescaling would break the chain
         raise ValueError("EMConfig.balance_classes is for the mixture; HMDM samples its states with FFBS "
                          "and keeps them alive by re-seeding dead states (reseed.every)")
-    return make_em_step(config, eps_fn, schedule, optimizer, sample_paths, ema_decay=ema_decay, axis_name=axis_name)
+    return make_em_step(config, eps_fn, schedule, optimizer, sample_paths, ema_decay=ema_decay, axis_name=axis_name,
+                        train_eps_fn=train_eps_fn)
 
 
 class DecodeResult(NamedTuple):

@@ -28,6 +28,7 @@ from hmdm_jax.em import (
     evaluation_config,
     frame_keys,
     posterior_entropy,
+    TrainEpsFn,
     e_step_scores,
 )
 from hmdm_jax.parallel import pmean_if, psum_if
@@ -87,6 +88,7 @@ def make_train_step(
     *,
     ema_decay: float = 0.999,
     axis_name: str | None = None,
+    train_eps_fn: TrainEpsFn | None = None,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
     """``train_step(state, batch, key) -> (state, metrics)`` for the mixture: :func:`steps.make_em_step`
     with :func:`sample_classes` (jit it, or let ``hmdm_jax.parallel`` map it over devices).
@@ -95,7 +97,8 @@ def make_train_step(
     Metrics: ``loss``, ``posterior_entropy`` (nats), ``class_usage [K]`` (fractions of sampled classes),
     ``temperature``, and ``label_loss`` when ``config.labels.loss_weight > 0``.
     """
-    return make_em_step(config, eps_fn, schedule, optimizer, sample_classes, ema_decay=ema_decay, axis_name=axis_name)
+    return make_em_step(config, eps_fn, schedule, optimizer, sample_classes, ema_decay=ema_decay, axis_name=axis_name,
+                        train_eps_fn=train_eps_fn)
 
 
 def make_supervised_step(
@@ -107,6 +110,7 @@ def make_supervised_step(
     label_dropout: float = 0.0,
     ema_decay: float = 0.999,
     axis_name: str | None = None,
+    train_eps_fn: TrainEpsFn | None = None,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
     """A plain class-conditional DDPM step with every label observed (no E-step, no M-step).
 
@@ -119,6 +123,7 @@ def make_supervised_step(
         state, loss, _ = denoising_step(
             state, eps_fn, schedule, optimizer, y, labels, jnp.ones((y.shape[0],), jnp.float32), key,
             ema_decay=ema_decay, label_dropout=label_dropout, null_class=num_classes, axis_name=axis_name,
+            train_eps_fn=train_eps_fn,
         )
         return state, {"loss": loss}
 

@@ -13,6 +13,7 @@ An E-step is ``e_step(config, eps_fn, params, schedule, state, batch, keys, axis
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from hmdm_jax import diffusion
-from hmdm_jax.em import EMConfig, EpsFn, frame_keys, observed_label_loss, step_keys, temperature_at
+from hmdm_jax.em import EMConfig, EpsFn, TrainEpsFn, frame_keys, observed_label_loss, step_keys, temperature_at
 from hmdm_jax.parallel import psum_if
 from hmdm_jax.state import TrainState
 
@@ -28,6 +29,9 @@ __all__ = ["EStep", "EStepResult", "accumulate_counts", "denoising_loss", "denoi
            "end_epoch", "gradient_update", "m_step", "make_em_step"]
 
 Array = jax.Array
+# folded into the step's loss key for the dropout masks: the per-frame keys are fold_in(key, frame index),
+# so a constant beyond any batch size keeps the two apart
+DROPOUT_STREAM = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------- the ε-loss step
@@ -99,6 +103,7 @@ def denoising_step(
     null_class: int | None = None,
     axis_name: str | None = None,
     extra_loss: Callable[[Any], Array] | None = None,
+    train_eps_fn: TrainEpsFn | None = None,
 ) -> tuple[TrainState, Array, Array]:
     """One gradient step on :func:`denoising_loss` (plus ``extra_loss``), summed across devices.
 
@@ -109,6 +114,9 @@ def denoising_step(
       key: the step's loss key; frame i draws from ``frame_keys(key, B, axis_name)[i]``.
       extra_loss: optional ``extra_loss(params) -> []`` added to the objective (e.g. :func:`label_loss`),
         this device's share of a global-batch term.
+      train_eps_fn: the dropout-on network (``models.make_train_eps_fn``); when given, the ε-loss uses it
+        with a dropout key drawn from ``key`` (and, on a mesh, the device index, so devices drop
+        different units). Without it the loss uses ``eps_fn`` (no dropout) and ``key`` is used as before.
 
     Returns:
       ``(state, loss, extra)``: the state after the optax and EMA update, the global-batch ε-loss and the
@@ -116,6 +124,12 @@ def denoising_step(
     """
     normalizer = psum_if(jnp.sum(weights), axis_name)
     keys = frame_keys(key, y.shape[0], axis_name)
+
+    if train_eps_fn is not None:
+        dropout_key = jax.random.fold_in(key, DROPOUT_STREAM)
+        if axis_name is not None:
+            dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+        eps_fn = functools.partial(train_eps_fn, dropout_key)
 
     def loss_fn(p):
         loss = denoising_loss(eps_fn, p, schedule, y, classes, keys, weights, normalizer, label_dropout, null_class)
@@ -217,8 +231,12 @@ def make_em_step(
     *,
     ema_decay: float = 0.999,
     axis_name: str | None = None,
+    train_eps_fn: TrainEpsFn | None = None,
 ) -> Callable[[TrainState, dict, Array], tuple[TrainState, dict]]:
     """``train_step(state, batch, key) -> (state, metrics)`` of Monte-Carlo EM with ``e_step``.
+
+    The E-step and the label loss score classes with ``eps_fn`` (deterministic: dropout would add noise
+    to the class posterior); only the ε-loss trains with dropout, through ``train_eps_fn`` when given.
 
     Under a named mapped axis (``axis_name``, see ``hmdm_jax.parallel``) gradients and counts are summed
     across devices, so the update equals the single-device update on the global batch. Metrics: ``loss``,
@@ -232,7 +250,7 @@ def make_em_step(
         state, loss, supervised = denoising_step(
             state, eps_fn, schedule, optimizer, e.frames, e.classes, e.weights, key_loss,
             ema_decay=ema_decay, label_dropout=config.labels.dropout, null_class=config.num_classes,
-            axis_name=axis_name,
+            axis_name=axis_name, train_eps_fn=train_eps_fn,
             extra_loss=observed_label_loss(config, eps_fn, schedule, e.frames, e.labels, e.label_prior,
                                            step_before_update, key_label, axis_name),
         )

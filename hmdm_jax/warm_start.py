@@ -11,7 +11,7 @@ from sklearn.decomposition import PCA
 from hmdm_jax import gaussian_hmm
 
 __all__ = [
-    "cluster_labels", "gaussian_hmm_labels", "kmeans_labels", "MAX_WARD_FRAMES", "METHODS", "SEQUENCE_METHODS",
+    "cluster_labels", "describe", "gaussian_hmm_labels", "kmeans_labels", "MAX_WARD_FRAMES", "METHODS", "SEQUENCE_METHODS",
 ]
 
 
@@ -105,3 +105,11 @@ def gaussian_hmm_labels(sequences: np.ndarray, mask: np.ndarray, num_classes: in
               "restart_scores": [float(v) for v in fit.restart_scores], "best_restart": int(fit.best_restart),
               "log_likelihood_per_frame": float(fit.log_likelihood_per_frame)}
     return states, record
+
+
+def describe(record: dict) -> str:
+    """One log line saying what a :func:`gaussian_hmm_labels` fit decided and why (its ``record``)."""
+    dims = ", ".join(f"{d}: {v:.2f}" for d, v in record["dim_scores"].items())
+    restarts = ", ".join(f"{v:.2f}" for v in record["restart_scores"])
+    return (f"warm start: Gaussian HMM on PCA-{record['pca_dim']} (chosen by held-out log-likelihood per frame: "
+            f"{dims}), restart {record['best_restart']} of {restarts} (training log-likelihood per frame)")

@@ -130,6 +130,10 @@ def test_used_workdir_is_refused_and_overwrite_replaces_it(tmp_path):
     assert decoded.returncode == 0, decoded.stderr[-2000:]
     assert (tmp_path / "decoded").is_file() and not (tmp_path / "decoded.npz").exists()  # the path as given
     assert np.load(tmp_path / "decoded")["states"].shape == (2, 5)
+    # guidance samples from the null class, which a run without label dropout never trained
+    guided = script("evaluate", "--workdir", workdir, "--guidance-weight", "2", "--no-nll", "--no-figures",
+                    "--no-progress")
+    assert_input_error(guided, "never trained", "em.labels.dropout")
 
 
 def test_resume_says_its_step_and_checkpoint_errors_are_one_line(tmp_path):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hmdm_jax import checkpoint, parallel
+from hmdm_jax import checkpoint, parallel, warm_start
 from hmdm_jax.run.batches import Clamp, TrainData, check_data, make_batch, phase_labels
 from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks
@@ -163,11 +163,7 @@ def train(
 
     ctx = RunContext(config, parts, data, heldout, labels, keys, true_A, log)
     if start_record and not resume:
-        log({"warm_start": start_record},
-            f"warm start: Gaussian HMM on PCA-{start_record['pca_dim']} (chosen by held-out log-likelihood per "
-            "frame: " + ", ".join(f"{d}: {v:.2f}" for d, v in start_record["dim_scores"].items())
-            + f"), restart {start_record['best_restart']} of "
-            + ", ".join(f"{v:.2f}" for v in start_record["restart_scores"]) + " (training log-likelihood per frame)")
+        log({"warm_start": start_record}, warm_start.describe(start_record))
     if resume:
         log({"resumed": loop.step}, f"resuming from step {loop.step} of {config.loop.train_steps}")
 

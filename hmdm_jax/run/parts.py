@@ -22,6 +22,7 @@ class RunParts(NamedTuple):
     eps_fn: Callable
     schedule: diffusion.Schedule
     optimizer: optax.GradientTransformation
+    train_eps_fn: Callable | None = None  # the dropout-on network for the ε-loss; None without dropout
 
 
 class Streams(NamedTuple):
@@ -52,7 +53,9 @@ def build_parts(config: RunConfig) -> RunParts:
     o = config.optim
     lr = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
     optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adam(lr))
-    return RunParts(model, models.make_eps_fn(model), schedule, optimizer)
+    # without dropout the train-mode network equals eps_fn: leave it out, so the step draws no dropout key
+    train_eps_fn = models.make_train_eps_fn(model) if config.network.dropout > 0 else None
+    return RunParts(model, models.make_eps_fn(model), schedule, optimizer, train_eps_fn)
 
 
 def init_state(config: RunConfig, parts: RunParts, params: Any = None) -> TrainState:
@@ -72,7 +75,7 @@ def make_step(config: RunConfig, parts: RunParts, mesh=None, *, fused: int = 1
     """
     factory = hmdm.make_train_step if config.model_type == "hmdm" else mixture.make_train_step
     args = (config.em, parts.eps_fn, parts.schedule, parts.optimizer)
-    kwargs = dict(ema_decay=config.optim.ema_decay)
+    kwargs = dict(ema_decay=config.optim.ema_decay, train_eps_fn=parts.train_eps_fn)
     if mesh is not None and mesh.devices.size > 1:
         inner = parallel.make_parallel_step(factory, mesh, *args, **kwargs)
     else:

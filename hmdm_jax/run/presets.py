@@ -65,6 +65,9 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         frames = 1024 if name == "gpu" else 4096
         loop = LoopConfig(train_steps=50_000, batch_size=frames // 32 if sequences else frames, checkpoint_every=2000)
         optim = OptimConfig(learning_rate=2e-4, warmup_steps=1000, ema_decay=0.9995)
+        # the GPU presets are the ones whose samples are scored (FID, evaluate.py --guidance-weight): train
+        # the null class on 10 % of frames, as classifier-free guidance needs (Ho & Salimans use 10–20 %)
+        em_config = em_config.replace(labels=dict(dropout=0.1))
         return RunConfig(model_type, network, em_config, event_shape, optim=optim, loop=loop,
                          reseed=HMDM_RESEED if sequences else ReseedConfig(), evaluation=EvalConfig(every=5000),
                          data=record)
