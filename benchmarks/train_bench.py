@@ -103,12 +103,15 @@ def make_calls(config: run.RunConfig, mixture_config: run.RunConfig, batch: int,
     key = jax.random.PRNGKey(seed)
     ema = config.optim.ema_decay
 
-    hmdm_step = jax.jit(hmdm.make_train_step(config.em, parts.eps_fn, parts.schedule, parts.optimizer, ema_decay=ema))
-    mixture_step = jax.jit(
-        mixture.make_train_step(mixture_config.em, parts.eps_fn, parts.schedule, parts.optimizer, ema_decay=ema))
+    # every step trains as the run does: with dropout when the network has it
+    train_eps_fn = parts.train_eps_fn
+    hmdm_step = jax.jit(hmdm.make_train_step(config.em, parts.eps_fn, parts.schedule, parts.optimizer, ema_decay=ema,
+                                             train_eps_fn=train_eps_fn))
+    mixture_step = jax.jit(mixture.make_train_step(mixture_config.em, parts.eps_fn, parts.schedule, parts.optimizer,
+                                                   ema_decay=ema, train_eps_fn=train_eps_fn))
     plain_step = jax.jit(mixture.make_supervised_step(
         parts.eps_fn, parts.schedule, parts.optimizer, num_classes=k, label_dropout=config.em.labels.dropout,
-        ema_decay=ema))
+        ema_decay=ema, train_eps_fn=train_eps_fn))
     forward = jax.jit(lambda params, z, t: emission.eps_all_classes(parts.eps_fn, params, z, t, k))
     t = jnp.asarray(rng.integers(1, config.diffusion.timesteps + 1, frames_total), jnp.int32)
 
@@ -131,9 +134,11 @@ def make_calls(config: run.RunConfig, mixture_config: run.RunConfig, batch: int,
     }
 
 
-def bench(config: run.RunConfig, mixture_config: run.RunConfig, batch: int, length: int, repeats: int) -> dict:
-    """Median seconds per call of every quantity of :func:`make_calls`, interleaved."""
+def bench(config: run.RunConfig, mixture_config: run.RunConfig, batch: int, length: int, repeats: int,
+          names: tuple[str, ...] | None = None) -> dict:
+    """Median seconds per call of every quantity of :func:`make_calls` (or of ``names``), interleaved."""
     calls = make_calls(config, mixture_config, batch, length)
+    calls = calls if names is None else {name: calls[name] for name in names}
     for fn, args in calls.values():  # compile
         jax.block_until_ready(fn(*args))
     names = list(calls)
