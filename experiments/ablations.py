@@ -126,6 +126,7 @@ def parse_args(argv=None):
                    help="config overrides for every row (the rows' own E-step settings win)")
     p.add_argument("--data", default="digits", help=hdata.SOURCE_HELP)
     p.add_argument("--num-classes", type=int, default=None, help="K (default: the number of classes of the data)")
+    p.add_argument("--classes", default=None, metavar="C1,C2,...", help="keep only these classes of the image source")
     g = p.add_argument_group("HMDM sequences (as in experiments/hmdm.py)")
     g.add_argument("--num-sequences", type=int, default=h.num_sequences)
     g.add_argument("--heldout-sequences", type=int, default=h.heldout_sequences)
@@ -168,13 +169,14 @@ def build_data(args) -> Data:
         hidden = np.zeros(train_seqs.labels.shape, bool)
         record = dict(source=args.data, num_sequences=len(train_seqs.images), heldout_sequences=len(held_seqs.images),
                       length=int(train_seqs.images.shape[1]), transition=args.transition, stay=args.stay,
+                      classes=args.classes,
                       heldout_fraction=args.heldout_fraction, observed_labels=0.0)
         return Data(hmdm_experiment.to_train_data(train_seqs, hidden),
                     hmdm_experiment.to_train_data(held_seqs, np.zeros(held_seqs.labels.shape, bool)),
                     true_A, k, tuple(train_seqs.images.shape[2:]), record)
-    images = hdata.load_source(args.data)
+    images = common.load_images(args.data, args.classes)
     k = args.num_classes or images.num_classes
-    record = dict(source=args.data, num_images=len(images.images), observed_labels=0.0)
+    record = dict(source=args.data, num_images=len(images.images), observed_labels=0.0, classes=args.classes)
     return Data(run.TrainData(images.images, images.labels, np.zeros(images.labels.shape, bool)), None, None, k,
                 tuple(images.images.shape[1:]), record)
 

@@ -63,6 +63,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="output directory: config, checkpoints, metrics.jsonl, results.json, figures")
     p.add_argument("--preset", default="cpu-small", choices=("cpu-small", "gpu", "tpu"), help="run preset (default cpu-small)")
     p.add_argument("--num-classes", type=at_least(1), default=None, help="K (default: the number of classes of the data)")
+    p.add_argument("--classes", default=None, metavar="C1,C2,...",
+                   help="image sources: keep only these classes, relabelled 0..K−1 in this order (e.g. 0,1,2,3,4)")
     p.add_argument("--observed-labels", type=float, default=0.0,
                    help="fraction F of labelled training frames whose label is clamped in training (default 0: unsupervised)")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the data split, sequences, initialisation and draws")
@@ -143,3 +145,9 @@ def stopped(workdir: Path, result) -> dict:
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def load_images(source: str, classes: str | None):
+    """The image source, restricted to ``classes`` (the ``--classes`` text) when given."""
+    images = hdata.load_source(source)
+    return images if classes is None else hdata.select_classes(images, hdata.parse_classes(classes))

@@ -172,7 +172,7 @@ def _rebuild_sequences(config, workdir, record, notes) -> RunData:
 
 
 def _rebuild_images(config, record, notes) -> RunData:
-    images = hdata.load_source(str(record["source"]))
+    images = common.load_images(str(record["source"]), record.get("classes"))
     if "num_images" in record and len(images.images) != int(record["num_images"]):
         notes.append(f"the source now has {len(images.images)} images, the config records {record['num_images']}")
     observed = common.observed_mask(images.labels, float(record.get("observed_labels", 0.0)), config.seed)

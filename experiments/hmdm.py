@@ -41,16 +41,18 @@ def parse_args(argv=None):
 
 def make_sequences(*, source: str, seed: int, num_classes: int | None = None, num_sequences: int = 200,
                    heldout_sequences: int = 100, length: int = 30, transition: str = "cyclic", stay: float = 0.8,
-                   heldout_fraction: float = 0.3):
+                   heldout_fraction: float = 0.3, classes: str | None = None):
     """(train SequenceDataset, held-out SequenceDataset, true A or None); the keywords are the flags, and
     the run's ``config.data`` record holds them, so ``evaluate.py`` rebuilds the same data."""
     if source.startswith("npz:"):
+        if classes is not None:
+            raise ValueError("--classes selects classes of an image source; npz: sequences are used as given")
         seqs = hdata.load_sequences_npz(source[4:], num_classes=num_classes)
         n_held = max(1, int(round(heldout_fraction * len(seqs.images))))
         perm = np.random.default_rng(seed).permutation(len(seqs.images))
         take = lambda idx: hdata.take(seqs, idx)
         return take(perm[n_held:]), take(perm[:n_held]), None
-    images = hdata.load_source(source)
+    images = common.load_images(source, classes)
     k = images.num_classes
     if k < 2:
         raise ValueError(f"{source} has no labels: Markov sequences need labelled images (or use npz: sequences)")
@@ -61,7 +63,7 @@ def make_sequences(*, source: str, seed: int, num_classes: int | None = None, nu
     return train, held, A
 
 
-SEQUENCE_FLAGS = ("num_sequences", "heldout_sequences", "length", "transition", "stay", "heldout_fraction")
+SEQUENCE_FLAGS = ("num_sequences", "heldout_sequences", "length", "transition", "stay", "heldout_fraction", "classes")
 
 
 def sequences_from_args(args):
@@ -87,7 +89,7 @@ def main(argv=None):
         args, "hmdm", k, train_seqs.images.shape[2:], source=args.data, num_sequences=len(train_seqs.images),
         heldout_sequences=len(held_seqs.images), length=int(train_seqs.images.shape[1]),
         transition=args.transition, stay=args.stay, heldout_fraction=args.heldout_fraction,
-        observed_labels=args.observed_labels,
+        observed_labels=args.observed_labels, classes=args.classes,
     )
     common.print_config(config)
     train_data, held_data = to_train_data(train_seqs, observed), to_train_data(held_seqs, np.zeros_like(observed[:0]))

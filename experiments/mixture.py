@@ -36,7 +36,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     workdir = Path(args.workdir)
     common.check_workdir(workdir)
-    images = hdata.load_source(args.data)
+    images = common.load_images(args.data, args.classes)
     heldout = None
     if args.heldout_fraction > 0:
         pools = hdata.split_images(images, args.heldout_fraction, args.seed)
@@ -49,7 +49,7 @@ def main(argv=None):
     observed = common.observed_mask(images.labels, args.observed_labels, args.seed)
     config = common.build_config(args, "mixture", k, images.images.shape[1:], source=args.data,
                                  num_images=len(images.images), observed_labels=args.observed_labels,
-                                 heldout_fraction=args.heldout_fraction)
+                                 heldout_fraction=args.heldout_fraction, classes=args.classes)
     common.print_config(config)
     data = run.TrainData(images.images, images.labels, observed)
     with common.Timer() as timer:

@@ -44,6 +44,9 @@ def assert_input_error(proc, *fragments):
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--seed", "-1"], "--seed: must be >= 0, got -1"),
     (["--observed-labels", "2"], "error: --observed-labels must be in [0, 1], got 2.0"),
+    (["--classes", "0,11"], "has classes 0..9; no class 11"),
+    (["--classes", "0,x"], "comma-separated integers"),
+    (["--classes", "3"], "at least two distinct classes"),
 ])
 def test_zero_and_negative_flags_are_refused_not_replaced(tmp_path, flags, message):
     proc = script("hmdm", "--workdir", tmp_path / "run", *flags)
@@ -62,6 +65,17 @@ def test_bad_config_values_are_one_line_errors_and_leave_no_workdir(tmp_path, ov
     proc = script("hmdm", "--workdir", tmp_path / "run", *TINY, override)
     assert_input_error(proc, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_classes_selects_and_relabels_a_subset_of_the_source(tmp_path):
+    import json
+    proc = script("hmdm", "--workdir", tmp_path / "run", "--classes", "7,2,5", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["em"]["num_classes"] == 3
+    assert dict(config["data"])["classes"] == "7,2,5"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["class_usage"]) == 3 and np.asarray(results["A_true"]).shape == (3, 3)
 
 
 def test_a_workdir_that_is_a_file(tmp_path):

@@ -565,3 +565,17 @@ def test_load_tfds_shards_by_process(monkeypatch):
     assert sharded.name == "mnist-test-shard1of3"
     with pytest.raises(ValueError, match="process_index"):
         load_tfds("mnist", process_index=3, process_count=3)
+
+
+def test_select_classes_keeps_and_relabels_in_the_given_order(digits):
+    from hmdm_jax.data import parse_classes, select_classes
+    sub = select_classes(digits, parse_classes("7,2"))
+    assert sub.num_classes == 2 and set(np.unique(sub.labels)) == {0, 1}
+    assert len(sub.images) == int(((digits.labels == 7) | (digits.labels == 2)).sum())
+    np.testing.assert_array_equal(sub.images[sub.labels == 0], digits.images[digits.labels == 7])
+    np.testing.assert_array_equal(sub.images[sub.labels == 1], digits.images[digits.labels == 2])
+    for bad, message in (("7,7", "distinct"), ("-1,2", "non-negative"), ("1;2", "comma-separated")):
+        with pytest.raises(ValueError, match=message):
+            parse_classes(bad)
+    with pytest.raises(ValueError, match="no class 10"):
+        select_classes(digits, (1, 10))

@@ -14,6 +14,8 @@ from hmdm_jax.data.images import (
     check_image_dataset,
     load_digits,
     load_images_npz,
+    parse_classes,
+    select_classes,
     split_images,
     split_indices,
 )
@@ -35,7 +37,7 @@ __all__ = [
     "ImageDataset", "PoolSplit", "SequenceDataset",
     "load_digits", "load_idx", "load_tfds", "load_images_npz", "load_source",
     "read_idx", "write_idx", "parse_idx", "read_md5sums",
-    "split_images", "split_indices", "check_image_dataset",
+    "split_images", "split_indices", "check_image_dataset", "parse_classes", "select_classes",
     "transition_matrix", "validate_transition_matrix", "TRANSITION_KINDS",
     "markov_sequences", "load_sequences_npz", "save_sequences_npz", "check_sequence_dataset",
     "flatten_frames", "iterate_batches", "shard_for_process", "num_examples", "take",

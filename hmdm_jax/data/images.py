@@ -6,14 +6,15 @@ Convention: images ``[N, H, W, C]`` float32 scaled to [−1, 1] with an explicit
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
     "check_image_dataset", "check_labels", "IMAGE_CHANNELS", "ImageDataset", "IMAGES_NPZ_KEYS",
-    "load_digits", "load_images_npz", "PoolSplit", "read_npz", "resolve_num_classes",
-    "split_images", "split_indices", "unit_images_to_model_range",
+    "load_digits", "load_images_npz", "parse_classes", "PoolSplit", "read_npz", "resolve_num_classes",
+    "select_classes", "split_images", "split_indices", "unit_images_to_model_range",
 ]
 
 IMAGE_CHANNELS = (1, 3)
@@ -270,6 +271,37 @@ def split_indices(labels, heldout_fraction: float, seed) -> tuple[np.ndarray, np
     is_heldout = np.zeros(labels.shape[0], bool)
     is_heldout[heldout_index] = True
     return np.flatnonzero(~is_heldout), np.flatnonzero(is_heldout)
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` → ``(0, 1, 2)``: a comma-separated list of distinct non-negative class indices."""
+    try:
+        classes = tuple(int(c) for c in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"classes must be comma-separated integers such as 0,1,2,3,4, got {text!r}") from None
+    if len(set(classes)) != len(classes) or min(classes) < 0:
+        raise ValueError(f"classes must be distinct non-negative integers, got {text!r}")
+    return classes
+
+
+def select_classes(dataset: ImageDataset, classes: Sequence[int]) -> ImageDataset:
+    """The images of ``classes`` only, relabelled 0..len(classes)−1 in the order given (K = len(classes)).
+
+    Raises ValueError for an unlabelled set, fewer than two classes, or a class the set does not have.
+    """
+    classes = tuple(int(c) for c in classes)
+    if dataset.num_classes < 1:
+        raise ValueError(f"{dataset.name} has no labels: classes cannot be selected")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ValueError(f"select at least two distinct classes, got {classes}")
+    missing = [c for c in classes if not 0 <= c < dataset.num_classes]
+    if missing:
+        raise ValueError(f"{dataset.name} has classes 0..{dataset.num_classes - 1}; no class {missing[0]}")
+    relabel = np.full(dataset.num_classes, -1, np.int32)
+    relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    keep = (dataset.labels >= 0) & (relabel[np.maximum(dataset.labels, 0)] >= 0)
+    name = f"{dataset.name}, classes {','.join(map(str, classes))}"
+    return ImageDataset(dataset.images[keep], relabel[dataset.labels[keep]], len(classes), name)
 
 
 def split_images(dataset: ImageDataset, heldout_fraction: float, seed) -> PoolSplit:
