@@ -14,6 +14,9 @@ score (two t-draws per frame for the mixture, one for HMDM, whose chain pools th
 neighbouring frames) and temperature 0.15, π fixed uniform, A re-estimated. ``EMConfig.paper()`` gives
 the seed's algorithm taken literally (one random t, the sampled density, scale 1, π re-estimated), which
 does not learn from a random start but is kept for the ablations.
+
+About 500 lines on purpose: a third is the four option groups and their checks, and every function
+below reads them; split, each half would import the other.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ What it is for: the classical baseline a competent user would run on the same se
 diffusion models (and a warm start for them), so it has to be tuned without labels rather than run
 once with fixed settings.
 
+About 650 lines on purpose: the model, Baum–Welch, the PCA with its residual density and the two
+label-free selections (dimension, restart) are one fit; the inference itself is :mod:`hmdm_jax.hmm`'s.
+
 Model
 -----
 Frames ``y [D]`` (flattened) are modelled in the full space ``R^D``. A PCA basis fitted on the
