@@ -11,8 +11,16 @@ The likelihood is a proxy that needs no network: every state's frames are modell
 Gaussian in a PCA space of the frames (its maximum-likelihood fit, with a small ridge). The split of
 ``s`` is 2-means on its frames; its gain is the log-likelihood of the two halves minus that of ``s``; the
 loss of merging ``(i, j)`` is the log-likelihood of the two states minus that of their union. The move is
-taken when the best gain exceeds the smallest loss. A dead state (no frames) merges at no loss, so the
-move also revives dead states.
+taken when the best gain is positive and exceeds the smallest loss. Each state's likelihood includes the
+complete-data term n_k log(n_k / N) of its weight, without which splitting even one round cluster in
+two would gain (its halves would each be scored as if they held all its frames). A dead state (no
+frames) merges at no loss, so the move also revives dead states.
+
+Both are held-out (two-fold) log-likelihoods: the Gaussians and the 2-means split are fitted on one half
+of the frames and scored on the other, then the halves swap. In-sample, any split gains and any merge
+loses (more parameters always fit better), so a state with two styles of one digit and a pair sharing
+one digit look alike and the move flips back and forth between them; held out, a split gains only where
+the state really is two clusters, and a merge of one cluster's two halves costs nothing.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-__all__ = ["SplitMerge", "gaussian_log_likelihood", "split_merge_move"]
+__all__ = ["SplitMerge", "gaussian_log_likelihood", "heldout_log_likelihood", "split_merge_move"]
 
 MIN_FRAMES = 8  # a state with fewer frames is not split (2-means halves too small for a covariance)
 
@@ -33,8 +41,8 @@ class SplitMerge(NamedTuple):
     Attributes:
       split: the state split in two; its first half keeps the index.
       merge: ``(i, j)``: state j's frames join state i; j then takes the second half of ``split``.
-      gain: log-likelihood gain of the split (≥ 0).
-      loss: log-likelihood lost by the merge (≥ 0 up to the ridge).
+      gain: held-out log-likelihood gain of the split (> 0).
+      loss: held-out log-likelihood lost by the merge (negative when the merged state fits better).
       states: ``[N]`` the assignment after the move.
     """
 
@@ -49,17 +57,31 @@ class SplitMerge(NamedTuple):
         return (self.gain - self.loss) / max(len(self.states), 1)
 
 
-def gaussian_log_likelihood(x: np.ndarray, ridge: float) -> float:
-    """Σ_i log N(x_i; μ̂, Σ̂ + ridge·I) of frames ``x [n, d]`` under their own ML mean and covariance."""
+def gaussian_log_likelihood(x: np.ndarray, ridge: float, fit: np.ndarray | None = None) -> float:
+    """Σ_i log N(x_i; μ̂, Σ̂ + ridge·I) of frames ``x [n, d]`` under the ML mean and covariance of ``fit``
+    (default: of ``x`` itself). An empty ``x`` scores 0; an empty ``fit`` scores −inf (nothing to fit)."""
     n, d = x.shape
     if n == 0:
         return 0.0
-    centred = x - x.mean(0)
-    scatter = centred.T @ centred / n
-    cov = scatter + ridge * np.eye(d)
+    fit = x if fit is None else fit
+    if len(fit) == 0:
+        return -np.inf
+    mean = fit.mean(0)
+    cov = (fit - mean).T @ (fit - mean) / len(fit) + ridge * np.eye(d)
+    centred = x - mean
     sign, logdet = np.linalg.slogdet(cov)
-    trace = float(np.trace(np.linalg.solve(cov, scatter)))
+    trace = float(np.trace(np.linalg.solve(cov, centred.T @ centred / n)))
     return -0.5 * n * (logdet + trace + d * np.log(2 * np.pi))
+
+
+def heldout_log_likelihood(z: np.ndarray, groups: list[np.ndarray], fold: np.ndarray, ridge: float) -> float:
+    """Two-fold held-out log-likelihood of the frames ``z [N, d]`` partitioned into ``groups`` (index arrays),
+    one Gaussian per group: each fold's frames scored under the group's fit on the other fold."""
+    total = 0.0
+    for f in (0, 1):
+        for g in groups:
+            total += gaussian_log_likelihood(z[g[fold[g] == f]], ridge, fit=z[g[fold[g] != f]])
+    return total
 
 
 def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *, pca_dims: int = 10,
@@ -72,11 +94,12 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
       num_classes: K (≥ 3: a split and a merge of two other states).
       pca_dims: dimension of the PCA space of the Gaussian proxy (clipped to the data).
       ridge: added to the diagonal of every covariance, relative to the mean per-dimension variance.
-      seed: of PCA and 2-means.
+      seed: of PCA, the folds and 2-means.
 
     Returns:
-      A :class:`SplitMerge` with ``gain > loss`` (the most gainful split, the cheapest merge of two other
-      states), or None.
+      A :class:`SplitMerge` with ``gain > max(loss, 0)`` in held-out log-likelihood (the most gainful
+      split, the cheapest merge of two other states), or None. ``states`` of the move split the whole
+      state by the 2-means centres of its full fit.
     """
     x = np.asarray(frames, np.float64).reshape(len(frames), -1)
     states = np.asarray(states).reshape(-1)
@@ -87,18 +110,30 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
     dims = int(min(pca_dims, x.shape[1], max(len(x) - 1, 1)))
     z = PCA(n_components=dims, random_state=seed).fit_transform(x) if dims < x.shape[1] else x - x.mean(0)
     r = ridge * float(np.mean(np.var(z, axis=0)))
+    fold = np.random.default_rng(seed).permutation(len(z)) % 2
     members = [np.flatnonzero(states == k) for k in range(num_classes)]
-    own = np.array([gaussian_log_likelihood(z[m], r) for m in members])
+
+    def prior(n: int) -> float:  # the complete-data term n log(n / N) of a state's weight
+        return n * np.log(n / len(z)) if n else 0.0
+
+    own = np.array([heldout_log_likelihood(z, [m], fold, r) + prior(len(m)) for m in members])
 
     halves, gains = {}, np.full(num_classes, -np.inf)
     for k, m in enumerate(members):
-        if len(m) < 2 * MIN_FRAMES:
+        if len(m) < 4 * MIN_FRAMES:  # each half of each fold needs frames for a covariance
             continue
-        half = KMeans(2, n_init=3, random_state=seed).fit_predict(z[m])
-        if min(np.bincount(half, minlength=2)) < MIN_FRAMES:
+        # 2-means fitted on each fold assigns the other fold's frames: the split is held out too
+        split_groups = []
+        for f in (0, 1):
+            fit, score = m[fold[m] != f], m[fold[m] == f]
+            km = KMeans(2, n_init=3, random_state=seed).fit(z[fit])
+            for h in (0, 1):
+                split_groups.append((fit[km.labels_ == h], score[km.predict(z[score]) == h]))
+        if min(min(len(a), len(b)) for a, b in split_groups) < MIN_FRAMES // 2:
             continue
-        halves[k] = half
-        gains[k] = sum(gaussian_log_likelihood(z[m[half == h]], r) for h in (0, 1)) - own[k]
+        halves[k] = KMeans(2, n_init=3, random_state=seed).fit_predict(z[m])
+        gains[k] = (sum(gaussian_log_likelihood(z[b], r, fit=z[a]) for a, b in split_groups)
+                    + sum(prior(int(n)) for n in np.bincount(halves[k], minlength=2)) - own[k])
     if not halves:
         return None
     split = int(np.argmax(gains))
@@ -108,10 +143,10 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
             if split in (i, j):
                 continue
             union = np.concatenate([members[i], members[j]])
-            loss = own[i] + own[j] - gaussian_log_likelihood(z[union], r)
+            loss = own[i] + own[j] - heldout_log_likelihood(z, [union], fold, r) - prior(len(union))
             if loss < best_loss:
                 best_loss, merge = loss, (i, j) if len(members[i]) >= len(members[j]) else (j, i)
-    if merge is None or not gains[split] > best_loss:
+    if merge is None or not gains[split] > max(best_loss, 0.0):
         return None
     keep, free = merge
     moved = states.copy()

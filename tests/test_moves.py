@@ -29,8 +29,30 @@ def test_the_move_splits_the_double_state_and_merges_the_shared_pair():
     x, truth = clustered(rng)
     move = moves.split_merge_move(x, merged_and_shared(truth, rng), CLUSTERS)
     assert move is not None and move.split == 0 and sorted(move.merge) == [1, 2]
-    assert move.gain > move.loss > 0 and move.net_per_frame > 0
+    # held out, the split of two clusters gains and the merge of one cluster's two halves costs nothing
+    assert move.gain > 0 > move.loss and move.net_per_frame > 0
     assert matching.matched_accuracy(truth, move.states, CLUSTERS, CLUSTERS)[0] == 1.0
+
+
+def test_no_move_where_only_a_pair_shares_one_cluster_though_in_sample_likelihoods_would_flip_it():
+    # K = 5 states on 4 clusters: cluster 3 shared at random by states 3 and 4, no state holds two clusters.
+    # In-sample every split gains and the shared pair's merge loses little, so an in-sample criterion
+    # splits a one-cluster state for nothing (and the next check splits it back); held out, no split gains.
+    rng = np.random.default_rng(3)
+    x, truth = clustered(rng)
+    states = np.where(truth == 3, 3 + rng.integers(0, 2, len(truth)), truth).astype(np.int32)
+    z = x - x.mean(0)
+    r = 1e-2 * float(np.mean(np.var(z, axis=0)))
+    from sklearn.cluster import KMeans
+    m0 = np.flatnonzero(states == 0)
+    half = KMeans(2, n_init=3, random_state=0).fit_predict(z[m0])
+    in_sample_gain = sum(moves.gaussian_log_likelihood(z[m0[half == h]], r) for h in (0, 1)) \
+        - moves.gaussian_log_likelihood(z[m0], r)
+    pair = np.flatnonzero(states >= 3)
+    in_sample_loss = sum(moves.gaussian_log_likelihood(z[states == k], r) for k in (3, 4)) \
+        - moves.gaussian_log_likelihood(z[pair], r)
+    assert in_sample_gain > in_sample_loss  # what made the in-sample move flip back and forth
+    assert moves.split_merge_move(x, states, CLUSTERS + 1) is None
 
 
 def test_a_correct_assignment_gets_no_move_and_a_dead_state_is_revived():
@@ -50,6 +72,10 @@ def test_gaussian_log_likelihood_is_the_closed_form():
     cov = np.cov(x.T, bias=True) + 0.1 * np.eye(3)
     expected = multivariate_normal(x.mean(0), cov).logpdf(x).sum()
     assert moves.gaussian_log_likelihood(x, 0.1) == pytest.approx(expected, rel=1e-10)
+    # fitted on one set, scored on another: the closed form with the fit's mean and covariance
+    y = rng.standard_normal((20, 3))
+    expected = multivariate_normal(x.mean(0), cov).logpdf(y).sum()
+    assert moves.gaussian_log_likelihood(y, 0.1, fit=x) == pytest.approx(expected, rel=1e-10)
 
 
 def test_the_hook_clamps_the_repair_where_dead_state_reseeding_sees_nothing_to_do():
