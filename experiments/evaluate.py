@@ -244,8 +244,12 @@ def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tup
         if observed is not None:
             # observed labels clamp state k to label k in training: the identity matching is the right one
             identity = run.score_states(true, pred, k, mapping=np.arange(k), observed=observed)
-            out["masked_label_accuracy"] = identity["masked_label_accuracy"]
-            out["masked_label_accuracy_hungarian"] = run.score_states(true, pred, k, observed=observed)["masked_label_accuracy"]
+            if "masked_label_accuracy" in identity:
+                out["masked_label_accuracy"] = identity["masked_label_accuracy"]
+                out["masked_label_accuracy_hungarian"] = run.score_states(true, pred, k, observed=observed)[
+                    "masked_label_accuracy"]
+            else:
+                out["note"] = "every label was observed in training: there is no masked-label accuracy"
     else:
         out["note"] = "the data have no labels: accuracy, ARI and NMI are not defined"
     if hmdm:

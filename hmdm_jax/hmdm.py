@@ -135,11 +135,13 @@ class DecodeResult(NamedTuple):
       states: ``[N, n]`` int32 Viterbi paths, −1 past each sequence's length.
       log_joint: ``[N]`` log max_x p(x, Y) of the Viterbi path under the scoring emissions.
       marginals: ``[N, n, K]`` smoothed posteriors p(x_i = k | Y) (0 past each length).
+      log_emissions: ``[N, n, K]`` the scoring emissions log b̃_k of every frame, before the chain.
     """
 
     states: Array
     log_joint: Array
     marginals: Array
+    log_emissions: Array
 
 
 def decode(
@@ -168,7 +170,7 @@ def decode(
     log_b = sequence_log_emissions(eval_config, eps_fn, params, schedule, images, key, jnp.int32(FINAL_STEP))
     paths = jax.vmap(hmm.viterbi, (None, None, 0, 0))(log_pi, log_A, log_b, mask)
     marginals = jax.vmap(hmm.smooth, (None, None, 0, 0))(log_pi, log_A, log_b, mask)
-    return DecodeResult(paths.states, paths.log_joint, marginals)
+    return DecodeResult(paths.states, paths.log_joint, marginals, log_b)
 
 
 def log_likelihood_bound(

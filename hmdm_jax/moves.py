@@ -16,6 +16,11 @@ complete-data term n_k log(n_k / N) of its weight, without which splitting even 
 two would gain (its halves would each be scored as if they held all its frames). A dead state (no
 frames) merges at no loss, so the move also revives dead states.
 
+Which pair to merge is better asked of the diffusion model than of the proxy: two states that share one
+digit score its frames alike, while a pixel-space Gaussian may find two different but similar digits
+cheaper to merge. Given the frames' emission scores, :func:`swap_costs` ranks the pairs and the proxy only
+decides whether the move gains.
+
 Both are held-out (two-fold) log-likelihoods: the Gaussians and the 2-means split are fitted on one half
 of the frames and scored on the other, then the halves swap. In-sample, any split gains and any merge
 loses (more parameters always fit better), so a state with two styles of one digit and a pair sharing
@@ -30,7 +35,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-__all__ = ["SplitMerge", "gaussian_log_likelihood", "heldout_log_likelihood", "split_merge_move"]
+__all__ = ["SplitMerge", "gaussian_log_likelihood", "heldout_log_likelihood", "split_merge_move", "swap_costs"]
 
 MIN_FRAMES = 8  # a state with fewer frames is not split (2-means halves too small for a covariance)
 
@@ -84,8 +89,31 @@ def heldout_log_likelihood(z: np.ndarray, groups: list[np.ndarray], fold: np.nda
     return total
 
 
+def swap_costs(log_emissions: np.ndarray, states: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[K, K]`` how much the model itself tells states i and j apart: the mean over their frames of the
+    score a frame loses when it is scored by the other state of the pair,
+
+        c_ij = (Σ_{y∈i} (log b_i(y) − log b_j(y)) + Σ_{y∈j} (log b_j(y) − log b_i(y))) / (n_i + n_j),
+
+    from the frames' emissions ``log_emissions [F, K]`` and ``states [F]``. Two states that share one cluster
+    score its frames alike (c_ij ≈ 0); two that hold different clusters do not. ``inf`` on the diagonal.
+    """
+    log_b = np.asarray(log_emissions, np.float64).reshape(-1, num_classes)
+    states = np.asarray(states).reshape(-1)
+    one_hot = np.eye(num_classes)[states]  # [F, K]
+    # S[i, j] = Σ_{y∈i} (log b_i(y) − log b_j(y))
+    own = (one_hot * log_b).sum(1)  # log b_{state(y)}(y)
+    sums = one_hot.T @ (own[:, None] - log_b)
+    counts = one_hot.sum(0)
+    total = counts[:, None] + counts[None, :]
+    costs = (sums + sums.T) / np.maximum(total, 1.0)
+    np.fill_diagonal(costs, np.inf)
+    return costs
+
+
 def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *, pca_dims: int = 10,
-                     ridge: float = 1e-2, seed: int = 0) -> SplitMerge | None:
+                     ridge: float = 1e-2, seed: int = 0, merge_costs: np.ndarray | None = None
+                     ) -> SplitMerge | None:
     """The best split–merge move of the assignment ``states`` of ``frames``, or None when none gains.
 
     Args:
@@ -95,6 +123,9 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
       pca_dims: dimension of the PCA space of the Gaussian proxy (clipped to the data).
       ridge: added to the diagonal of every covariance, relative to the mean per-dimension variance.
       seed: of PCA, the folds and 2-means.
+      merge_costs: ``[K, K]`` (e.g. :func:`swap_costs` of the model's emissions): when given, the pair
+        merged is the one of lowest cost (the model's own choice of two states that share a cluster), and
+        the proxy only decides whether the move gains; otherwise the pair of lowest proxy loss.
 
     Returns:
       A :class:`SplitMerge` with ``gain > max(loss, 0)`` in held-out log-likelihood (the most gainful
@@ -137,15 +168,21 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
     if not halves:
         return None
     split = int(np.argmax(gains))
-    best_loss, merge = np.inf, None
+    best_rank, best_loss, merge = np.inf, np.inf, None
+    if merge_costs is not None:
+        merge_costs = np.asarray(merge_costs, np.float64)
+        if merge_costs.shape != (num_classes, num_classes):
+            raise ValueError(f"merge_costs must be [K, K] = [{num_classes}, {num_classes}], got {merge_costs.shape}")
     for i in range(num_classes):
         for j in range(i + 1, num_classes):
             if split in (i, j):
                 continue
             union = np.concatenate([members[i], members[j]])
             loss = own[i] + own[j] - heldout_log_likelihood(z, [union], fold, r) - prior(len(union))
-            if loss < best_loss:
-                best_loss, merge = loss, (i, j) if len(members[i]) >= len(members[j]) else (j, i)
+            rank = loss if merge_costs is None else merge_costs[i, j]
+            if merge is None or rank < best_rank:
+                best_rank, best_loss = rank, loss
+                merge = (i, j) if len(members[i]) >= len(members[j]) else (j, i)
     if merge is None or not gains[split] > max(best_loss, 0.0):
         return None
     keep, free = merge

@@ -78,6 +78,21 @@ def test_classes_selects_and_relabels_a_subset_of_the_source(tmp_path):
     assert len(results["class_usage"]) == 3 and np.asarray(results["A_true"]).shape == (3, 3)
 
 
+def test_evaluate_a_mixture_trained_with_every_label(tmp_path):
+    # the supervised reference of the paper's tables: no label is masked, so there is no masked-label accuracy
+    workdir = tmp_path / "run"
+    trained = script("mixture", "--workdir", workdir, "--steps", "2", "--observed-labels", "1", "--no-progress",
+                     "--no-figures", "--set", "loop.batch_size=8", "warm_start.steps=0", "evaluation.final_num_t=2",
+                     "network.mlp_width=16", "network.mlp_depth=1", "diffusion.timesteps=20", "band.choose=false")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    evaluated = script("evaluate", "--workdir", workdir, "--no-nll", "--no-fid", "--no-figures", "--no-progress",
+                       "--num-t", "2")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    import json
+    accuracy = json.loads((workdir / "evaluation.json").read_text())["accuracy"]
+    assert "masked_label_accuracy" not in accuracy and "every label was observed" in accuracy["note"]
+
+
 def test_a_workdir_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_input_error(script("hmdm", "--workdir", tmp_path / "file", *TINY), "is not a directory")

@@ -65,6 +65,41 @@ def test_a_correct_assignment_gets_no_move_and_a_dead_state_is_revived():
     assert matching.matched_accuracy(truth, move.states, CLUSTERS, CLUSTERS)[0] == 1.0
 
 
+def test_swap_costs_are_the_mean_score_lost_by_swapping_a_pair():
+    rng = np.random.default_rng(4)
+    k, n = 4, 40
+    log_b, states = rng.standard_normal((n, k)), rng.integers(0, k, n)
+    costs = moves.swap_costs(log_b, states, k)
+    for i in range(k):
+        for j in range(k):
+            if i == j:
+                assert costs[i, j] == np.inf
+                continue
+            lost = sum(log_b[f, states[f]] - log_b[f, j if states[f] == i else i]
+                       for f in range(n) if states[f] in (i, j))
+            assert costs[i, j] == pytest.approx(lost / np.isin(states, [i, j]).sum(), rel=1e-10)
+
+
+def test_the_models_choice_of_merge_pair_is_taken_and_the_proxy_decides_whether_to_move():
+    rng = np.random.default_rng(0)
+    x, truth = clustered(rng)
+    states = merged_and_shared(truth, rng)
+    free = moves.split_merge_move(x, states, CLUSTERS)
+    costs = np.full((CLUSTERS, CLUSTERS), 5.0)
+    costs[1, 2] = costs[2, 1] = 0.1  # the model says: 1 and 2 are one cluster
+    chosen = moves.split_merge_move(x, states, CLUSTERS, merge_costs=costs)
+    assert chosen is not None and sorted(chosen.merge) == [1, 2] and chosen.loss == pytest.approx(free.loss)
+    np.testing.assert_array_equal(chosen.states, free.states)
+    costs = np.full((CLUSTERS, CLUSTERS), 5.0)
+    costs[1, 3] = costs[3, 1] = 0.1  # a model that pairs two different clusters: its pair is merged, at a cost
+    other = moves.split_merge_move(x, states, CLUSTERS, merge_costs=costs)
+    assert sorted(other.merge) == [1, 3] and other.loss > free.loss
+    # whether a move is made stays the proxy's: a correct assignment gets none, whatever the costs
+    assert moves.split_merge_move(x, truth, CLUSTERS, merge_costs=np.zeros((CLUSTERS, CLUSTERS))) is None
+    with pytest.raises(ValueError, match="merge_costs must be"):
+        moves.split_merge_move(x, states, CLUSTERS, merge_costs=np.zeros((2, 2)))
+
+
 def test_gaussian_log_likelihood_is_the_closed_form():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((50, 3)) @ np.array([[1.0, 0.3, 0.0], [0.0, 0.5, 0.2], [0.0, 0.0, 0.7]])
@@ -94,6 +129,11 @@ def test_the_hook_clamps_the_repair_where_dead_state_reseeding_sees_nothing_to_d
     involved = np.isin(states, [move.split, *move.merge])
     assert np.all(clamp[~involved] == -1) and np.all(clamp[involved] >= 0)
     assert matching.matched_accuracy(labels[involved], clamp[involved], CLUSTERS, CLUSTERS)[0] == 1.0
+    # the hook's path with the model's scores: emissions that score the shared pair alike pick the same move
+    log_b = np.where(np.eye(CLUSTERS)[states] > 0, 0.0, -3.0)
+    log_b[..., 1:3] = np.where(np.isin(states, [1, 2])[..., None], 0.0, log_b[..., 1:3])
+    with_scores = split_merge_labels(data, states, CLUSTERS, seed=0, log_emissions=log_b)
+    np.testing.assert_array_equal(with_scores[0], clamp)
     observed = TrainData(data.images, labels, rng.random(shape) < 0.1, data.mask)
     assert split_merge_labels(observed, states, CLUSTERS, seed=0) is None
 

@@ -49,7 +49,8 @@ def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images
       key: decoding draws (default: the run's eval stream); batch i uses ``fold_in(key, first index)``.
 
     Returns:
-      HMDM: ``states [N, n]`` (−1 past each length), ``log_joint [N]``, ``marginals [N, n, K]``;
+      HMDM: ``states [N, n]`` (−1 past each length), ``log_joint [N]``, ``marginals [N, n, K]``,
+      ``log_emissions [N, n, K]`` (the frames' scores before the chain);
       mixture: ``states [N]``, ``log_posterior [N, K]``.
     """
     sequences = config.model_type == "hmdm"
@@ -63,7 +64,7 @@ def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images
         args = (state.ema_params, parts.schedule, state.log_pi, state.log_A, jnp.asarray(images[sl]))
         if sequences:
             res = fn(*args, jnp.asarray(mask[sl]), jax.random.fold_in(key, start))
-            res = {"states": res.states, "log_joint": res.log_joint, "marginals": res.marginals}
+            res = res._asdict()
         else:
             classes, log_post = fn(*args, jax.random.fold_in(key, start))
             res = {"states": classes, "log_posterior": log_post}

@@ -147,10 +147,12 @@ def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_us
     return np.where(touched, current, clamped).astype(np.int32), splits
 
 
-def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, seed: int
-                       ) -> tuple[np.ndarray, moves.SplitMerge] | None:
+def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, seed: int,
+                       log_emissions: np.ndarray | None = None) -> tuple[np.ndarray, moves.SplitMerge] | None:
     """Clamp labels of the best split–merge move of the decoded ``states`` (shaped like ``data.labels``), or
     None when no move gains or labels are observed (observed labels already anchor every state they name).
+    With the frames' ``log_emissions`` (``[*labels.shape, K]``), the model chooses the pair to merge
+    (:func:`moves.swap_costs`).
 
     The frames of the three states involved are clamped to their states after the move; the rest stay free.
     """
@@ -159,7 +161,8 @@ def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, se
         return None
     event_ndim = data.images.ndim - states.ndim
     frames = data.images[valid].reshape((-1,) + data.images.shape[-event_ndim:])
-    move = moves.split_merge_move(frames, states[valid], num_classes, seed=seed)
+    costs = None if log_emissions is None else moves.swap_costs(log_emissions[valid], states[valid], num_classes)
+    move = moves.split_merge_move(frames, states[valid], num_classes, seed=seed, merge_costs=costs)
     if move is None:
         return None
     labels = np.full(states.shape, -1, np.int32)
@@ -177,11 +180,14 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
             and loop.step + r.steps < config.loop.train_steps):
         return loop
     trained = config.with_decisions(loop.decisions)
-    states = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
-                            key=jax.random.fold_in(ctx.streams.heuristics, loop.step))["states"]
+    decoded = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
+                             key=jax.random.fold_in(ctx.streams.heuristics, loop.step))
+    states = decoded["states"]
     revived = revived_labels(ctx.data, states, config.num_classes, r.min_usage, config.seed)
     if revived is None:
-        return _split_merge(ctx, loop, states) if r.split_merge else loop
+        # the frames' own scores (HMDM) or posteriors (mixture) pick the pair to merge
+        scores = decoded.get("log_emissions", decoded.get("log_posterior"))
+        return _split_merge(ctx, loop, states, scores) if r.split_merge else loop
     labels, splits = revived
     loop.clamp = Clamp(loop.step + r.steps, labels)
     usage = matching.class_usage(states[ctx.data.valid], config.num_classes)
@@ -193,9 +199,9 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
     return loop
 
 
-def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray) -> LoopState:
+def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: np.ndarray) -> LoopState:
     config = ctx.config
-    proposed = split_merge_labels(ctx.data, states, config.num_classes, config.seed)
+    proposed = split_merge_labels(ctx.data, states, config.num_classes, config.seed, scores)
     if proposed is None:
         ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move gains")
         return loop
