@@ -100,19 +100,23 @@ def fit(per_frame: float, fixed: float, capacity_gib: float, length: int) -> tup
     return frames, frames // length
 
 
-def parse_config(spec: str) -> tuple[str, int | None]:
-    """``"name"`` or ``"name@chunk"`` (emission scored ``chunk`` frames per network call) -> (name, chunk)."""
-    name, _, chunk = spec.partition("@")
-    return name, int(chunk) if chunk else None
+def parse_config(spec: str) -> tuple[str, str | None, int | None]:
+    """``"name[+heads][@chunk]"`` -> (name, class heads or None, chunk): ``+multi_head`` sets
+    ``ModelConfig.class_heads``; ``@c`` scores the emission ``c`` frames per network call."""
+    spec, _, chunk = spec.partition("@")
+    name, _, heads = spec.partition("+")
+    return name, heads or None, int(chunk) if chunk else None
 
 
 def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) -> dict:
     """Per-frame and fixed bytes of the HMDM step with preset ``spec`` (see :func:`parse_config`),
     from two compiled batch sizes."""
-    name, chunk = parse_config(spec)
+    name, heads, chunk = parse_config(spec)
     config = run.preset("cpu-small", "hmdm", num_classes, event_shape_for(name))
     em_config = config.em.replace(scoring=dict(chunk_size=chunk, num_t=2))
-    config = dataclasses.replace(config, network=models.get_model_config(name), em=em_config)
+    network = models.get_model_config(name)
+    network = network if heads is None else dataclasses.replace(network, class_heads=heads)
+    config = dataclasses.replace(config, network=network, em=em_config)
     parts = run.build_parts(config)
     start = time.perf_counter()
     small, large = (step_bytes(config, parts, b, length) for b in batches)
@@ -122,7 +126,8 @@ def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) 
     fixed = max(small["total"] - per_frame * batches[0] * length, small["alias"])
     params = models.param_shapes(parts.model, config.event_shape)
     return {
-        "name": name if chunk is None else f"{name}, emission chunk {chunk}", "event": config.event_shape,
+        "name": (name if heads is None else f"{name}, {heads}") + ("" if chunk is None else f", emission chunk {chunk}"),
+        "event": config.event_shape,
         "params": models.param_count(params), "per_frame": per_frame,
         "fixed": fixed, "small": small, "large": large, "seconds": time.perf_counter() - start,
         "num_t": config.em.scoring.num_t,
@@ -158,7 +163,8 @@ def main():
     )
     parser.add_argument(
         "--configs", default=",".join(models.PRESET_NAMES + ("mnist28-unet@60", "cifar32-unet@60")),
-        help="comma-separated presets; name@c scores the emission c frames per network call "
+        help="comma-separated presets; name+multi_head sets the class heads; name@c scores the emission c "
+             "frames per network call "
              "(EMConfig.scoring.chunk_size = c)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: the two MLP presets only")
