@@ -53,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import hmdm as hmdm_experiment  # experiments/hmdm.py: the sequence construction of training
 from hmdm_jax import checkpoint, emission, matching, metrics, sampling
-from hmdm_jax import data as hdata
 from hmdm_jax import run
 
 DEFAULT_NLL_ITEMS = {"hmdm": 20, "mixture": 500}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmdm_jax import checkpoint, em, emission, mixture, models, run, warm_start
+from hmdm_jax import checkpoint, em, emission, models, run, warm_start
 from hmdm_jax import matching as am
 from hmdm_jax.run import batches, evaluation, hooks, presets
 from hmdm_jax.run import config as rc

@@ -70,7 +70,7 @@ def test_train_step_loss_is_the_train_mode_network_with_the_documented_dropout_k
 
 def test_dropout_masks_differ_between_steps():
     model, params, y = setup()
-    eps_fn, train_eps_fn = models.make_eps_fn(model), models.make_train_eps_fn(model)
+    train_eps_fn = models.make_train_eps_fn(model)
     classes = jnp.zeros((B,), jnp.int32)
     keys = frame_keys(jax.random.key(4), B, None)
     losses = [float(steps.denoising_loss(functools.partial(train_eps_fn, jax.random.fold_in(jax.random.key(5), i)),
