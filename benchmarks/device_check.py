@@ -40,10 +40,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "experiments"))
 
+import hmdm as hmdm_experiment  # noqa: E402
 import train_bench  # noqa: E402
 
-from hmdm_jax import data as hdata  # noqa: E402
 from hmdm_jax import run  # noqa: E402
 
 DEFAULT_DATA = f"idx:{ROOT.parent / 'shared' / 'data' / 'mnist'}"
@@ -78,12 +79,8 @@ def parse_args(argv=None):
 
 def sequences(args):
     """Train and held-out sequences from disjoint 70/30 image pools, cyclic chain (the main job's)."""
-    images = hdata.load_source(args.data)
-    pools = hdata.split_images(images, 0.3, args.seed)
-    A = hdata.transition_matrix("cyclic", images.num_classes, stay=0.8, rng=args.seed)
-    train = hdata.markov_sequences([args.seed, 1], pools.train, None, A, args.num_sequences, args.length)
-    held = hdata.markov_sequences([args.seed, 2], pools.heldout, None, A, args.heldout_sequences, args.length)
-    return train, held, A
+    return hmdm_experiment.make_sequences(source=args.data, seed=args.seed, num_sequences=args.num_sequences,
+                                          heldout_sequences=args.heldout_sequences, length=args.length)
 
 
 def make_config(args, k: int, event_shape: tuple[int, ...]) -> run.RunConfig:
@@ -139,8 +136,8 @@ def main(argv=None):
     print(f"gpu preset: {config.network.kind} ({config.network.class_heads}), batch {config.loop.batch_size} "
           f"sequences × {args.length} frames, T = {config.diffusion.timesteps}, {args.steps} steps", flush=True)
     workdir = Path(args.workdir)
-    train_data = run.TrainData(train_seqs.images, train_seqs.labels, np.zeros_like(train_seqs.mask), train_seqs.mask)
-    held_data = run.TrainData(held_seqs.images, held_seqs.labels, np.zeros_like(held_seqs.mask), held_seqs.mask)
+    train_data = hmdm_experiment.to_train_data(train_seqs, np.zeros_like(train_seqs.mask))
+    held_data = hmdm_experiment.to_train_data(held_seqs, np.zeros_like(held_seqs.mask))
     t0 = time.perf_counter()
     result = run.train(config, train_data, workdir, overwrite=True, progress=False, true_A=true_A)
     train_seconds = time.perf_counter() - t0

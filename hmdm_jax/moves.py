@@ -168,21 +168,22 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
     if not halves:
         return None
     split = int(np.argmax(gains))
-    best_rank, best_loss, merge = np.inf, np.inf, None
+    best_loss, merge = np.inf, None
     if merge_costs is not None:
         merge_costs = np.asarray(merge_costs, np.float64)
         if merge_costs.shape != (num_classes, num_classes):
             raise ValueError(f"merge_costs must be [K, K] = [{num_classes}, {num_classes}], got {merge_costs.shape}")
-    for i in range(num_classes):
-        for j in range(i + 1, num_classes):
-            if split in (i, j):
-                continue
-            union = np.concatenate([members[i], members[j]])
-            loss = own[i] + own[j] - heldout_log_likelihood(z, [union], fold, r) - prior(len(union))
-            rank = loss if merge_costs is None else merge_costs[i, j]
-            if merge is None or rank < best_rank:
-                best_rank, best_loss = rank, loss
-                merge = (i, j) if len(members[i]) >= len(members[j]) else (j, i)
+    def merge_loss(i: int, j: int) -> float:
+        union = np.concatenate([members[i], members[j]])
+        return own[i] + own[j] - heldout_log_likelihood(z, [union], fold, r) - prior(len(union))
+
+    pairs = [(i, j) for i in range(num_classes) for j in range(i + 1, num_classes) if split not in (i, j)]
+    # the model's costs rank the pairs without a fit; otherwise each pair's proxy loss is its rank
+    ranks = [merge_loss(i, j) if merge_costs is None else merge_costs[i, j] for i, j in pairs]
+    if pairs:
+        i, j = pairs[int(np.argmin(ranks))]
+        best_loss = ranks[int(np.argmin(ranks))] if merge_costs is None else merge_loss(i, j)
+        merge = (i, j) if len(members[i]) >= len(members[j]) else (j, i)
     if merge is None or not gains[split] > max(best_loss, 0.0):
         return None
     keep, free = merge
