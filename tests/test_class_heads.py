@@ -61,8 +61,8 @@ def test_all_classes_equals_stacking_every_class(kind):
     np.testing.assert_allclose(all_eps, per_class, rtol=1e-5, atol=1e-5)
     # the heads differ: the class matters
     assert float(jnp.abs(all_eps[0] - all_eps[1]).max()) > 1e-3
-    # eager equals jit
-    np.testing.assert_allclose(eps_fn.all_classes(params, z, TIMES), all_eps, rtol=1e-5, atol=1e-5)
+    if kind == "mlp":  # eager equals jit (a U-Net run eagerly compiles each of its ops: a minute on CPU)
+        np.testing.assert_allclose(eps_fn.all_classes(params, z, TIMES), all_eps, rtol=1e-5, atol=1e-5)
     # a mixed-class batch picks each example's own head
     k = jnp.array([2, 0, 1, 0], jnp.int32)
     mixed = jit(eps_fn)(params, z, TIMES, k)

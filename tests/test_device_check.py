@@ -7,15 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_cli import _ENV
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_device_check_quick_runs_and_reports_its_figures(tmp_path):
     workdir = tmp_path / "check"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--quick",
-                           "--workdir", str(workdir)], capture_output=True, text=True, cwd=ROOT, timeout=900, env=_ENV)
+                           "--workdir", str(workdir)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"hmdm_step/plain_step: (\d+\.\d\d)", last)
