@@ -5,6 +5,9 @@ resume tests), and every eager op compiles a small program of its own; the cache
 compilation into a lookup. The pytest process that starts first creates the folder and exports it through
 the environment, so its xdist workers and every script a test runs as a subprocess (which read
 ``JAX_COMPILATION_CACHE_DIR``) share it; that process removes it when it ends.
+
+The tests' programs are tiny, so XLA's CPU backend compiles them without its expensive LLVM passes
+(``TEST_XLA_FLAGS``, exported the same way): compilation, not running, is most of the suite's time.
 """
 import atexit
 import functools
@@ -12,7 +15,11 @@ import os
 import shutil
 import tempfile
 
-import jax
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # before jax creates its CPU backend
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402
 
 _CACHE = os.environ.get("HMDM_TEST_COMPILATION_CACHE")
 if _CACHE is None:

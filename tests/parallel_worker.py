@@ -23,8 +23,8 @@ def max_diff(a, b):
 
 
 def compare(name, mesh):
-    """``name``: "mixture", "hmdm", "mixture-label" (the mixture with the capped label loss) or
-    "mixture-balanced" (the mixture with the balanced E-step)."""
+    """``name``: "mixture", "hmdm" or "mixture-label-balanced" (the mixture with the capped label loss and
+    the balanced E-step: one compiled step for both global-batch statistics)."""
     model_type = name.split("-")[0]
     rng = np.random.default_rng(0)
     model = models.build_model(models.get_model_config("mlp-small"), K)
@@ -33,12 +33,11 @@ def compare(name, mesh):
     schedule = diffusion.linear_schedule(100)
     optimizer = optax.sgd(1.0)
     config = em.EMConfig(num_classes=K, scoring=em.Scoring(t_range=(0.05, 0.5)), priors=em.Priors(learn_pi=True, count_decay=1.0))
-    if name == "mixture-label":
+    if name == "mixture-label-balanced":
         # a cap of 8 frames is 2 per device, at least the observed frames of each share (one on each of
-        # devices 0-2): the sharded loss must equal the single-device one
-        config = config.replace(labels=dict(loss_weight=0.5, loss_frames=8))
-    if name == "mixture-balanced":  # the balanced E-step: class totals over the global batch
-        config = config.replace(balance_classes=True)
+        # devices 0-2): the sharded loss must equal the single-device one; the balanced E-step takes its
+        # class totals over the global batch
+        config = config.replace(labels=dict(loss_weight=0.5, loss_frames=8), balance_classes=True)
     factory = hmdm.make_train_step if model_type == "hmdm" else mixture.make_train_step
     if model_type == "hmdm":
         shape = (8, 5)
@@ -49,7 +48,7 @@ def compare(name, mesh):
         batch = {"images": rng.uniform(-1, 1, shape + EVENT).astype(np.float32), "mask": mask, "labels": labels}
     else:
         labels = np.full((16,), -1, np.int32)
-        labels[[0, 4, 9] if name == "mixture-label" else [0, 1, 2]] = [0, 1, 2]
+        labels[[0, 4, 9] if name == "mixture-label-balanced" else [0, 1, 2]] = [0, 1, 2]
         batch = {"images": rng.uniform(-1, 1, (16,) + EVENT).astype(np.float32), "labels": labels}
     state = create_train_state(jax.random.PRNGKey(1), params, optimizer, K)
     key = jax.random.PRNGKey(2)
@@ -66,7 +65,7 @@ def compare(name, mesh):
     except ValueError as e:
         error = str(e)
     balanced_diff = balanced_column_error = None
-    if name == "mixture-balanced":  # the balanced posterior itself, on a batch that prefers class 0 strongly
+    if name == "mixture-label-balanced":  # the balanced posterior itself, on a batch that prefers class 0 strongly
         log_post = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(16, K)) * 30.0 + [40.0, 0.0, 0.0], jnp.float32))
         sharded = jax.jit(jax.shard_map(lambda lp: em.balanced_class_posterior(lp, state.log_pi, parallel.DATA_AXIS),
                                         mesh=mesh, in_specs=parallel.P(parallel.DATA_AXIS),
