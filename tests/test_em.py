@@ -23,7 +23,8 @@ def test_oracle_posterior_concentrates_on_true_class(estimator):
     config = em.EMConfig(num_classes=K, scoring=em.Scoring(estimator=estimator, num_t=8, t_range=(0.02, 0.2)),
                          temperature=em.Temperature(1.0))
     keys = em.frame_keys(jax.random.PRNGKey(0), len(labels))
-    log_b = em.e_step_scores(config, oracle_eps_fn(schedule), jnp.asarray(CENTERS), schedule, y, keys, 0)
+    log_b = jax.jit(lambda: em.e_step_scores(config, oracle_eps_fn(schedule), jnp.asarray(CENTERS), schedule, y,
+                                             keys, 0))()  # jitted: eagerly, every op compiles on its own
     post = np.exp(np.asarray(mixture.class_posterior(log_b, jnp.full((K,), -np.log(K)))))
     np.testing.assert_allclose(post.sum(1), 1.0, rtol=1e-5)
     p_true = post[np.arange(len(labels)), labels]
@@ -132,21 +133,23 @@ def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_
     log_prior = jnp.log(jnp.asarray([0.5, 0.3, 0.2], jnp.float32))
     keys = em.frame_keys(jax.random.PRNGKey(8), 24)
     params = jnp.asarray(CENTERS) * 0.3  # wrong means and a high temperature: the posterior is soft
-    loss = em.label_loss(config, eps_fn, params, schedule, y, jnp.asarray(observed), keys, log_prior, 0,
-                         jnp.float32((observed >= 0).sum()))
-    scores = np.asarray(em.tempered_log_emissions(config, eps_fn, params, schedule, y, keys, 0, num_t=1), np.float64)
+    rows = observed >= 0
+    # jitted: run eagerly, every op of the loss compiles on its own
+    fn = jax.jit(lambda p: em.label_loss(config, eps_fn, p, schedule, y, jnp.asarray(observed), keys, log_prior, 0,
+                                         jnp.float32(rows.sum())))
+    loss = fn(params)
+    scores = np.asarray(jax.jit(lambda p: em.tempered_log_emissions(config, eps_fn, p, schedule, y, keys, 0,
+                                                                    num_t=1))(params), np.float64)
     logits = scores + np.asarray(log_prior)
     log_post = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
-    rows = observed >= 0
     expected = 0.3 * -log_post[rows, observed[rows]].mean()
     assert expected > 0.05
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-    none = em.label_loss(config, eps_fn, params, schedule, y, jnp.full(24, -1, jnp.int32), keys, log_prior, 0, 0.0)
+    none = jax.jit(lambda p: em.label_loss(config, eps_fn, p, schedule, y, jnp.full(24, -1, jnp.int32), keys, log_prior,
+                                           0, 0.0))(params)
     assert float(none) == 0.0
 
-    fn = lambda p: em.label_loss(config, eps_fn, p, schedule, y, jnp.asarray(observed), keys, log_prior, 0,
-                                 jnp.float32(rows.sum()))
-    grad = jax.grad(fn)(params)
+    grad = jax.jit(jax.grad(fn))(params)
     assert float(fn(params - 0.05 * grad)) < float(loss)
 
 
@@ -168,15 +171,17 @@ def test_label_loss_frames_scores_observed_frames_first_and_a_cap_above_their_co
 
     def loss(cap):
         config = base.replace(labels=dict(loss_frames=cap))
-        return float(em.observed_label_loss(config, eps_fn, schedule, y, jnp.asarray(observed), log_prior, 0, key)(params))
+        # jitted: run eagerly, every op of the loss compiles on its own (seconds per cap)
+        return float(jax.jit(em.observed_label_loss(config, eps_fn, schedule, y, jnp.asarray(observed), log_prior, 0,
+                                                    key))(params))
 
     uncapped = loss(None)
     assert uncapped > 0.05
     np.testing.assert_allclose([loss(7), loss(16)], uncapped, rtol=1e-6)
     keys = em.frame_keys(key, 24)
     first = rows[:3]
-    expected = em.label_loss(base, eps_fn, params, schedule, y[first], jnp.asarray(observed[first]), keys[first],
-                             log_prior, 0, jnp.float32(3))
+    expected = jax.jit(lambda p: em.label_loss(base, eps_fn, p, schedule, y[first], jnp.asarray(observed[first]),
+                                               keys[first], log_prior, 0, jnp.float32(3)))(params)
     np.testing.assert_allclose(loss(3), float(expected), rtol=1e-6)
     assert abs(loss(3) - uncapped) > 1e-3
     with pytest.raises(ValueError, match="loss_frames"):
@@ -250,8 +255,8 @@ def test_band_agreement_is_one_draw_accuracy_and_selects_the_informative_band():
     # brute force: one eps_mse draw per frame on the band's integer steps, keys as in the training step
     for band, value in zip(bands, agreement):
         t_range = (max(1, round(band[0] * 200)), round(band[1] * 200))
-        log_b = emission.log_emission(eps_fn, params, schedule, y, em.frame_keys(key, len(labels)), K,
-                                      estimator="eps_mse", num_t=1, t_range=t_range)
+        log_b = jax.jit(lambda: emission.log_emission(eps_fn, params, schedule, y, em.frame_keys(key, len(labels)), K,
+                                                      estimator="eps_mse", num_t=1, t_range=t_range))()
         assert value == pytest.approx(np.mean(np.argmax(np.asarray(log_b), 1) == labels), abs=1e-6)
     # overlapping classes (spread 0.3): at t ≤ 5% of T one draw's noise on the few-pixel difference
     # between the classes' ε dominates; in the middle the exact ε separates them

@@ -145,33 +145,26 @@ def test_interrupted_script_saves_and_skips_evaluation(tmp_path, monkeypatch, ca
     assert checkpoint.read_config(workdir / "checkpoints") and run.load_run(workdir)[2].step == 1
 
 
-def test_mixture_script_holds_out_the_hmdm_image_pool(tmp_path):
-    """--heldout-fraction trains on one pool and scores the other: the pools of experiments/hmdm.py."""
+def test_mixture_script_holds_out_the_hmdm_image_pool_and_scores_the_masked_labels(tmp_path):
+    """--heldout-fraction trains on one pool and scores the other (the pools of experiments/hmdm.py); with half
+    the labels observed, the accuracy on the other half is reported (the label loss is on). With every label
+    observed there is nothing masked to score: tests/test_cli.py's every-label run checks that."""
     digits = hdata.load_digits()
     path = tmp_path / "digits40.npz"
     np.savez(path, images=(digits.images[:40, :, :, 0] + 1.0) / 2.0, labels=digits.labels[:40], num_classes=K)
     results = mixture_experiment.main(["--data", f"npz:{path}", "--workdir", str(tmp_path / "run"), "--no-figures",
-                                       "--heldout-fraction", "0.25", "--seed", "3", *tiny("loop.batch_size=8")])
+                                       "--heldout-fraction", "0.25", "--seed", "3", "--observed-labels", "0.5",
+                                       *tiny("loop.batch_size=8")])
     pools = hdata.split_images(hdata.load_source(f"npz:{path}"), 0.25, 3)
-    record = dict(json.loads((tmp_path / "run" / "config.json").read_text())["data"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    record = dict(config["data"])
     n_held = len(pools.heldout.images)
     assert 0 < n_held < 40 and record["num_images"] == len(pools.train.images) == 40 - n_held
     assert record["heldout_fraction"] == 0.25
     assert finite_in_unit(results["heldout_accuracy"]) and finite_in_unit(results["heldout_accuracy_train_matching"])
     # each held-out image is scored once: Hungarian accuracy is a multiple of 1/n_held
     assert results["heldout_accuracy"] * n_held == pytest.approx(round(results["heldout_accuracy"] * n_held))
-
-
-def test_mixture_script_reports_masked_label_accuracy_when_some_labels_are_masked(tmp_path):
-    """Half the labels observed: the accuracy on the other half is reported (the label loss is on). With
-    every label observed there is nothing masked to score: tests/test_cli.py's every-label run checks that."""
-    digits = hdata.load_digits()
-    path = tmp_path / "digits32.npz"
-    np.savez(path, images=(digits.images[:32, :, :, 0] + 1.0) / 2.0, labels=digits.labels[:32], num_classes=K)
-    reported = mixture_experiment.main(["--data", f"npz:{path}", "--workdir", str(tmp_path / "run"), "--no-figures",
-                                        "--observed-labels", "0.5", *tiny("loop.batch_size=8")])
-    assert finite_in_unit(reported["masked_label_accuracy"]) and finite_in_unit(reported["accuracy"])
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert finite_in_unit(results["masked_label_accuracy"]) and finite_in_unit(results["accuracy"])
     assert config["em"]["labels"]["loss_weight"] == 0.1
 
 

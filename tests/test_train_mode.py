@@ -53,13 +53,15 @@ def test_train_step_loss_is_the_train_mode_network_with_the_documented_dropout_k
     # what the step must have computed: the classes the (deterministic) E-step samples are the same in both
     # runs, so rebuild them from the eval step's E-step and evaluate the loss by hand in train mode
     key_score, key_sample, key_loss, _ = step_keys(config, key)
-    e = mixture.sample_classes(config, eps_fn, params, SCHEDULE, state, batch, (key_score, key_sample), None)
+    # (each jitted: run eagerly, every op compiles on its own)
+    e = jit(lambda: mixture.sample_classes(config, eps_fn, params, SCHEDULE, state, batch, (key_score, key_sample),
+                                           None))()
     dropout_key = jax.random.fold_in(key_loss, steps.DROPOUT_STREAM)
     by_hand_eps = functools.partial(train_eps_fn, dropout_key)
     keys = frame_keys(key_loss, B, None)
     weights = jnp.ones((B,))
-    by_hand = steps.denoising_loss(by_hand_eps, params, SCHEDULE, y, e.classes, keys, weights, jnp.float32(B))
-    no_dropout = steps.denoising_loss(eps_fn, params, SCHEDULE, y, e.classes, keys, weights, jnp.float32(B))
+    by_hand, no_dropout = jit(lambda: [steps.denoising_loss(fn, params, SCHEDULE, y, e.classes, keys, weights,
+                                                            jnp.float32(B)) for fn in (by_hand_eps, eps_fn)])()
     np.testing.assert_allclose(float(metrics["train"]["loss"]), float(by_hand), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["eval"]["loss"]), float(no_dropout), rtol=1e-5)
     assert abs(float(by_hand) - float(no_dropout)) > 1e-3 * float(no_dropout)  # dropout was on
