@@ -346,7 +346,6 @@ def test_eps_estimators_expectations_match_closed_form(digits_like):
     """elbo_term: E[true − wrong] = ELBO_true − ELBO_k (the class-dependent part, exactly); eps_mse:
     E[−‖ε − ε_θ‖²] = −mean over the t-band of ᾱ_t/(1 − ᾱ_t) ‖Δμ‖²."""
     mus, labels, out = digits_like
-    n = len(labels)
     betas = np.asarray(SCHED_BIG.betas, np.float64)
     ab = np.cumprod(1 - betas)
     t_all = np.arange(1, 1001)
