@@ -181,8 +181,9 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
     # the model's costs rank the pairs without a fit; otherwise each pair's proxy loss is its rank
     ranks = [merge_loss(i, j) if merge_costs is None else merge_costs[i, j] for i, j in pairs]
     if pairs:
-        i, j = pairs[int(np.argmin(ranks))]
-        best_loss = ranks[int(np.argmin(ranks))] if merge_costs is None else merge_loss(i, j)
+        best = int(np.argmin(ranks))
+        i, j = pairs[best]
+        best_loss = ranks[best] if merge_costs is None else merge_loss(i, j)
         merge = (i, j) if len(members[i]) >= len(members[j]) else (j, i)
     if merge is None or not gains[split] > max(best_loss, 0.0):
         return None

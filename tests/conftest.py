@@ -26,8 +26,7 @@ if _CACHE is None:
     _CACHE = tempfile.mkdtemp(prefix="hmdm_jax_xla_cache_")
     os.environ["HMDM_TEST_COMPILATION_CACHE"] = _CACHE
     atexit.register(functools.partial(shutil.rmtree, _CACHE, ignore_errors=True))
-os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+for _name, _value in {"jax_compilation_cache_dir": _CACHE, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                      "jax_persistent_cache_min_entry_size_bytes": 0}.items():
+    os.environ[_name.upper()] = str(_value)  # for subprocesses: jax reads these at import
+    jax.config.update(_name, _value)  # for this process, which imported jax already

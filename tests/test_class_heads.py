@@ -29,10 +29,6 @@ EVENTS = {"mlp": (2, 3), "unet": (8, 8, 2)}  # a non-flat MLP event; two channel
 TIMES = jnp.array([1, 10, 500, 1000], jnp.int32)
 
 
-def jit(fn, **kwargs):
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
-
-
 @functools.lru_cache(maxsize=None)
 def setup(kind: str):
     cfg = MLP_CFG if kind == "mlp" else UNET_CFG
@@ -55,17 +51,17 @@ def stacked(eps_fn, params, z, t):
 def test_all_classes_equals_stacking_every_class(kind):
     model, params, eps_fn, z = setup(kind)
     assert isinstance(eps_fn, models.EpsFn) and eps_fn.num_classes == K
-    all_eps = jit(eps_fn.all_classes)(params, z, TIMES)
+    all_eps = jax.jit(eps_fn.all_classes)(params, z, TIMES)
     assert all_eps.shape == (K, B, *EVENTS[kind]) and all_eps.dtype == jnp.float32
-    per_class = jit(functools.partial(stacked, eps_fn))(params, z, TIMES)
+    per_class = jax.jit(functools.partial(stacked, eps_fn))(params, z, TIMES)
     np.testing.assert_allclose(all_eps, per_class, rtol=1e-5, atol=1e-5)
     # the heads differ: the class matters
     assert float(jnp.abs(all_eps[0] - all_eps[1]).max()) > 1e-3
-    if kind == "mlp":  # eager equals jit (a U-Net run eagerly compiles each of its ops: a minute on CPU)
+    if kind == "mlp":  # eager equals jit (a U-Net run eagerly compiles each of its many ops on its own)
         np.testing.assert_allclose(eps_fn.all_classes(params, z, TIMES), all_eps, rtol=1e-5, atol=1e-5)
     # a mixed-class batch picks each example's own head
     k = jnp.array([2, 0, 1, 0], jnp.int32)
-    mixed = jit(eps_fn)(params, z, TIMES, k)
+    mixed = jax.jit(eps_fn)(params, z, TIMES, k)
     np.testing.assert_allclose(mixed, all_eps[k, jnp.arange(B)], rtol=1e-5, atol=1e-5)
 
 
@@ -75,7 +71,7 @@ def test_null_class_has_its_own_head(kind):
     real classes' one-pass output does not include it."""
     model, params, eps_fn, z = setup(kind)
     k = jnp.array([0, K, 1, K], jnp.int32)
-    base = jit(eps_fn)(params, z, TIMES, k)
+    base = jax.jit(eps_fn)(params, z, TIMES, k)
     if kind == "mlp":
         bumped = {**params, "out_heads": {**params["out_heads"],
                                           "bias": params["out_heads"]["bias"].at[K].add(1.0)}}
@@ -83,11 +79,11 @@ def test_null_class_has_its_own_head(kind):
         channels = EVENTS[kind][-1]
         bias = params["conv_out"]["bias"].at[K * channels:(K + 1) * channels].add(1.0)
         bumped = {**params, "conv_out": {**params["conv_out"], "bias": bias}}
-    out = jit(eps_fn)(bumped, z, TIMES, k)
+    out = jax.jit(eps_fn)(bumped, z, TIMES, k)
     changed = jnp.abs(out - base).reshape(B, -1).max(axis=1) > 1e-3
     np.testing.assert_array_equal(np.asarray(changed), np.asarray(k == K))
-    np.testing.assert_allclose(jit(eps_fn.all_classes)(bumped, z, TIMES),
-                               jit(eps_fn.all_classes)(params, z, TIMES), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(eps_fn.all_classes)(bumped, z, TIMES),
+                               jax.jit(eps_fn.all_classes)(params, z, TIMES), rtol=1e-6, atol=1e-6)
     assert bool(jnp.all(jnp.isnan(eps_fn(params, z, TIMES, jnp.array([-1, 0, K + 1, 1])).reshape(B, -1)[
         jnp.array([0, 2])])))
 
@@ -95,8 +91,8 @@ def test_null_class_has_its_own_head(kind):
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
 def test_vmap_over_examples_equals_the_batch(kind):
     model, params, eps_fn, z = setup(kind)
-    together = jit(eps_fn.all_classes)(params, z, TIMES)
-    single = jit(jax.vmap(lambda zz, tt: eps_fn.all_classes(params, zz[None], tt[None])[:, 0]))(z, TIMES)
+    together = jax.jit(eps_fn.all_classes)(params, z, TIMES)
+    single = jax.jit(jax.vmap(lambda zz, tt: eps_fn.all_classes(params, zz[None], tt[None])[:, 0]))(z, TIMES)
     np.testing.assert_allclose(jnp.moveaxis(single, 0, 1), together, rtol=1e-5, atol=1e-5)
 
 
@@ -120,7 +116,7 @@ def test_gradient_reaches_the_trunk_and_only_the_selected_head(kind):
     noise = jax.random.normal(jax.random.key(5), z.shape)
     for k, used in ((jnp.full((B,), 1, jnp.int32), {1}), (jnp.array([0, 0, K, K], jnp.int32), {0, K})):
         loss = lambda p: jnp.mean((eps_fn(p, z, TIMES, k) - noise) ** 2)  # noqa: E731
-        grads = jit(jax.grad(loss))(params)
+        grads = jax.jit(jax.grad(loss))(params)
         per_head, trunk = _head_norms(kind, grads)
         for head in range(K + 1):
             assert (float(per_head[head]) > 0.0) == (head in used), (head, per_head)
@@ -135,15 +131,15 @@ def test_train_eps_fn_all_classes_and_bind():
     _, params, _, z = setup("mlp")
     train_eps_fn = models.make_train_eps_fn(model)
     key = jax.random.key(7)
-    all_eps = jit(train_eps_fn.all_classes)(key, params, z, TIMES)
-    per_class = jit(lambda p: stacked(functools.partial(train_eps_fn, key), p, z, TIMES))(params)
+    all_eps = jax.jit(train_eps_fn.all_classes)(key, params, z, TIMES)
+    per_class = jax.jit(lambda p: stacked(functools.partial(train_eps_fn, key), p, z, TIMES))(params)
     np.testing.assert_allclose(all_eps, per_class, rtol=1e-5, atol=1e-5)
     bound = train_eps_fn.bind(key)
     assert isinstance(bound, models.EpsFn) and bound.num_classes == K
-    np.testing.assert_allclose(jit(bound.all_classes)(params, z, TIMES), all_eps, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jit(bound)(params, z, TIMES, jnp.zeros(B, jnp.int32)), all_eps[0],
+    np.testing.assert_allclose(jax.jit(bound.all_classes)(params, z, TIMES), all_eps, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(bound)(params, z, TIMES, jnp.zeros(B, jnp.int32)), all_eps[0],
                                rtol=1e-6, atol=1e-6)
-    deterministic = jit(models.make_eps_fn(model).all_classes)(params, z, TIMES)
+    deterministic = jax.jit(models.make_eps_fn(model).all_classes)(params, z, TIMES)
     assert float(jnp.abs(deterministic - all_eps).max()) > 1e-3  # dropout was on
 
 
@@ -189,13 +185,13 @@ def test_log_emission_one_pass_equals_the_vmapped_fallback(kind, estimator, num_
     key = jax.random.key(3)
     score = functools.partial(emission.log_emission, params=params, schedule=schedule, y=y, key=key,
                               num_classes=K, estimator=estimator, num_t=num_t)
-    fast = jit(lambda: score(one_pass))()
-    slow = jit(lambda: score(plain))()
+    fast = jax.jit(lambda: score(one_pass))()
+    slow = jax.jit(lambda: score(plain))()
     assert traces, "the one-pass form was not used"
     assert fast.shape == (B, K)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-4)
     # fewer classes than the network has: the first columns
-    fewer = jit(lambda: emission.log_emission(one_pass, params, schedule, y, key, K - 1,
+    fewer = jax.jit(lambda: emission.log_emission(one_pass, params, schedule, y, key, K - 1,
                                               estimator=estimator, num_t=num_t))()
     np.testing.assert_allclose(fewer, fast[:, :K - 1], rtol=1e-5, atol=1e-4)
 
@@ -220,7 +216,7 @@ def test_hmdm_train_step_with_a_multi_head_network():
     optimizer = optax.adam(1e-3)
     state = create_train_state(jax.random.key(0), params, optimizer, K)
     y = jax.random.uniform(jax.random.key(1), (2, 5, *EVENTS["mlp"]), minval=-1, maxval=1)
-    step = jit(hmdm.make_train_step(EMConfig(num_classes=K), eps_fn, schedule, optimizer))
+    step = jax.jit(hmdm.make_train_step(EMConfig(num_classes=K), eps_fn, schedule, optimizer))
     new_state, metrics = step(state, {"images": y}, jax.random.key(2))
     assert bool(jnp.isfinite(metrics["loss"]))
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, state.params)

@@ -3,7 +3,7 @@
 
 Most cases call a script's entry point in-process (``cli``): ``common.main_of(main)(argv)`` is exactly what
 ``python experiments/NAME.py ARGS`` runs, so the exit code and stderr are the script's own, and an exception
-that would print a traceback fails the test; the interpreter start (imports: seconds per run) is paid once.
+that would print a traceback fails the test; the interpreter start (the imports) is paid once.
 Each script also gets a real subprocess run (``script``) for a bad flag, and so does everything that
 happens at interpreter exit (the damaged-checkpoint fallback, once known to end in "Event loop is closed").
 """

@@ -171,7 +171,7 @@ def test_label_loss_frames_scores_observed_frames_first_and_a_cap_above_their_co
 
     def loss(cap):
         config = base.replace(labels=dict(loss_frames=cap))
-        # jitted: run eagerly, every op of the loss compiles on its own (seconds per cap)
+        # jitted: run eagerly, every op of the loss compiles on its own
         return float(jax.jit(em.observed_label_loss(config, eps_fn, schedule, y, jnp.asarray(observed), log_prior, 0,
                                                     key))(params))
 

@@ -56,11 +56,6 @@ TIMES = jnp.array([1, 10, 500, 1000], jnp.int32)
 CLASSES = jnp.array([0, 1, 2, K], jnp.int32)
 
 
-def jit(fn):
-    """``jax.jit`` at XLA backend optimisation level 0 (fast to compile; these tests run tiny inputs)."""
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
-
-
 def random_params(pshapes, seed: int):
     """Parameters of the given abstract shapes with every leaf non-zero (numpy, no compilation):
     kernels N(0, 1/fan_in), class table N(0, 1), norm scales 1 + N(0, 0.1²), biases N(0, 0.1²)."""
@@ -97,7 +92,7 @@ def setup(kind: str) -> Setup:
     model = build_model(cfg, K)
     params = random_params(param_shapes(model, event), seed=1)
     z = jax.random.normal(jax.random.key(2), (B, *event))
-    return Setup(model, params, jit(make_eps_fn(model)), z, TIMES, CLASSES)
+    return Setup(model, params, jax.jit(make_eps_fn(model)), z, TIMES, CLASSES)
 
 
 def per_example(a, b):
@@ -162,7 +157,7 @@ def test_mlp_vectors_and_flattened_events():
     model6 = build_model(dataclasses.replace(SMALL_MLP, mlp_residual=False), K)
     p6 = random_params(param_shapes(model6, (2, 3)), seed=3)
     assert p6["in_proj"]["kernel"].shape == (6, 32)
-    eps6 = jit(make_eps_fn(model6))
+    eps6 = jax.jit(make_eps_fn(model6))
     z6 = jax.random.normal(jax.random.key(4), (B, 2, 3))
     out6 = eps6(p6, z6, s.t, s.k)
     assert out6.shape == (B, 2, 3)
@@ -257,7 +252,7 @@ def test_mlp_gradient_reaches_exactly_the_used_class_rows():
     s = setup("mlp")
     eps_fn = make_eps_fn(s.model)
     k = jnp.array([0, 0, 2, K])  # class 1 unused
-    grads = jit(jax.grad(lambda p: jnp.sum(eps_fn(p, s.z, s.t, k) ** 2)))(s.params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(eps_fn(p, s.z, s.t, k) ** 2)))(s.params)
     row_norms = jnp.linalg.norm(grads["cond"]["class_embed"], axis=1)
     assert row_norms.shape == (K + 1,)
     assert float(row_norms[1]) == 0.0
@@ -279,7 +274,7 @@ def test_vmap_over_examples_equals_the_batch(kind):
     s = setup(kind)
     together = s.eps_fn(s.params, s.z, s.t, s.k)
     eps_fn = make_eps_fn(s.model)
-    single = jit(jax.vmap(lambda z, t, k: eps_fn(s.params, z[None], t[None], k[None])[0]))
+    single = jax.jit(jax.vmap(lambda z, t, k: eps_fn(s.params, z[None], t[None], k[None])[0]))
     np.testing.assert_allclose(single(s.z, s.t, s.k), together, rtol=1e-5, atol=1e-5)
     others = jax.random.normal(jax.random.key(9), s.z.shape) * 3.0
     for i in range(B):
@@ -302,7 +297,7 @@ def test_dropout_only_through_train_eps_fn():
     model = build_model(dataclasses.replace(TINY_UNET, dropout=0.3), K)
     params = random_params(param_shapes(model, (28, 28, 1)), seed=6)
     z = jax.random.normal(jax.random.key(7), (B, 28, 28, 1))
-    train_eps_fn = jit(make_train_eps_fn(model))
+    train_eps_fn = jax.jit(make_train_eps_fn(model))
     key_a, key_b = jax.random.key(10), jax.random.key(11)
     a = train_eps_fn(key_a, params, z, TIMES, CLASSES)
     assert a.shape == (B, 28, 28, 1) and bool(jnp.all(jnp.isfinite(a)))
@@ -314,14 +309,14 @@ def test_dropout_only_through_train_eps_fn():
     # MLP: dropout changes the output against make_eps_fn; with dropout 0 train == eval exactly.
     m = setup("mlp")
     drop = build_model(dataclasses.replace(SMALL_MLP, dropout=0.3), K)
-    train_drop = jit(make_train_eps_fn(drop))
+    train_drop = jax.jit(make_train_eps_fn(drop))
     b = train_drop(key_a, m.params, m.z, m.t, m.k)
     assert jnp.array_equal(b, train_drop(key_a, m.params, m.z, m.t, m.k))
     assert float(jnp.abs(b - train_drop(key_b, m.params, m.z, m.t, m.k)).max()) > 1e-4
-    ref = jit(make_eps_fn(drop))(m.params, m.z, m.t, m.k)
+    ref = jax.jit(make_eps_fn(drop))(m.params, m.z, m.t, m.k)
     assert float(jnp.abs(b - ref).max()) > 1e-4
     np.testing.assert_allclose(ref, m.eps_fn(m.params, m.z, m.t, m.k), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jit(make_train_eps_fn(m.model))(key_a, m.params, m.z, m.t, m.k),
+    np.testing.assert_allclose(jax.jit(make_train_eps_fn(m.model))(key_a, m.params, m.z, m.t, m.k),
                                m.eps_fn(m.params, m.z, m.t, m.k), rtol=1e-6, atol=1e-6)
 
 
@@ -453,7 +448,7 @@ def test_slow_unet_gradient_reaches_every_parameter():
     s = setup("unet")
     eps_fn = make_eps_fn(s.model)
     k = jnp.array([0, 0, 2, K])  # class 1 unused
-    grads = jit(jax.grad(lambda p: jnp.sum(eps_fn(p, s.z, s.t, k) ** 2)))(s.params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(eps_fn(p, s.z, s.t, k) ** 2)))(s.params)
     row_norms = jnp.linalg.norm(grads["cond"]["class_embed"], axis=1)
     assert float(row_norms[1]) == 0.0
     assert bool(jnp.all(row_norms[jnp.array([0, 2, K])] > 1e-6))

@@ -26,10 +26,6 @@ CFG = models.ModelConfig(kind="mlp", mlp_width=32, mlp_depth=2, zero_init_output
 SCHEDULE = diffusion.get_schedule("linear", 100)
 
 
-def jit(fn, **kwargs):
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
-
-
 @functools.lru_cache(maxsize=None)
 def setup(dropout: float = 0.3):
     model = models.build_model(dataclasses.replace(CFG, dropout=dropout), K)
@@ -49,18 +45,18 @@ def test_train_step_loss_is_the_train_mode_network_with_the_documented_dropout_k
     metrics = {}
     for name, tf in (("eval", None), ("train", train_eps_fn)):
         step = mixture.make_train_step(config, eps_fn, SCHEDULE, optimizer, train_eps_fn=tf)
-        _, metrics[name] = jit(step)(state, batch, key)
+        _, metrics[name] = jax.jit(step)(state, batch, key)
     # what the step must have computed: the classes the (deterministic) E-step samples are the same in both
     # runs, so rebuild them from the eval step's E-step and evaluate the loss by hand in train mode
     key_score, key_sample, key_loss, _ = step_keys(config, key)
     # (each jitted: run eagerly, every op compiles on its own)
-    e = jit(lambda: mixture.sample_classes(config, eps_fn, params, SCHEDULE, state, batch, (key_score, key_sample),
+    e = jax.jit(lambda: mixture.sample_classes(config, eps_fn, params, SCHEDULE, state, batch, (key_score, key_sample),
                                            None))()
     dropout_key = jax.random.fold_in(key_loss, steps.DROPOUT_STREAM)
     by_hand_eps = functools.partial(train_eps_fn, dropout_key)
     keys = frame_keys(key_loss, B, None)
     weights = jnp.ones((B,))
-    by_hand, no_dropout = jit(lambda: [steps.denoising_loss(fn, params, SCHEDULE, y, e.classes, keys, weights,
+    by_hand, no_dropout = jax.jit(lambda: [steps.denoising_loss(fn, params, SCHEDULE, y, e.classes, keys, weights,
                                                             jnp.float32(B)) for fn in (by_hand_eps, eps_fn)])()
     np.testing.assert_allclose(float(metrics["train"]["loss"]), float(by_hand), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["eval"]["loss"]), float(no_dropout), rtol=1e-5)
