@@ -136,6 +136,9 @@ class Timer:
 
 def stopped(workdir: Path, result) -> dict:
     """After Ctrl-C/SIGTERM: the checkpoint is saved; skip evaluation and say how to continue."""
+    if result.state is None:  # during the restarts, before the first checkpoint
+        print("stopped during the restarts, before the first checkpoint: start again with --overwrite", flush=True)
+        return {"stopped_early": True, "steps": 0}
     step = int(result.state.step)
     print(f"stopped at step {step}; checkpoint saved in {Path(workdir) / 'checkpoints'}. "
           f"Continue with the same command and --resume.", flush=True)

@@ -15,7 +15,7 @@ from hmdm_jax import em, emission, models, warm_start
 
 __all__ = [
     "MODEL_TYPES", "BandConfig", "DiffusionConfig", "EvalConfig", "LoopConfig", "OptimConfig",
-    "ReseedConfig", "RunConfig", "WarmStartConfig", "apply_overrides",
+    "ReseedConfig", "RestartConfig", "RunConfig", "WarmStartConfig", "apply_overrides",
 ]
 
 MODEL_TYPES = ("hmdm", "mixture")
@@ -130,6 +130,35 @@ class ReseedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RestartConfig:
+    """Restarts chosen by the model's own bound (HMDM): ``count`` candidate runs of ``steps`` steps each,
+    on the training sequences less a held-out share of ``heldout_fraction``. Candidate r has its own seed
+    (its network init, step keys and warm-start draws) and the warm start ``methods[r % len(methods)]``
+    (empty: ``warm_start.method`` for all). The candidate whose likelihood bound per frame on the
+    held-out share is highest (:func:`hmdm_jax.hmdm.log_likelihood_bound`, ``num_t`` ELBO terms, EMA
+    parameters) continues on all the sequences to ``loop.train_steps``. ``count = 1``: no restarts."""
+
+    count: int = 1
+    steps: int = 1000
+    heldout_fraction: float = 0.1
+    methods: tuple[str, ...] = ()
+    num_t: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        _check(self.count >= 1, f"restarts.count must be >= 1, got {self.count}")
+        _check(self.steps >= 1 and self.num_t >= 1, "restarts.steps and restarts.num_t must be >= 1")
+        _check(0.0 < self.heldout_fraction < 1.0,
+               f"restarts.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(all(m in warm_start.METHODS + ("none",) for m in self.methods),
+               f"restarts.methods must name warm starts in {warm_start.METHODS + ('none',)}, got {self.methods}")
+
+    @property
+    def active(self) -> bool:
+        return self.count > 1
+
+
+@dataclasses.dataclass(frozen=True)
 class BandConfig:
     """The label-free choice of the scoring band ``em.scoring.t_range`` at the end of the warm start: the candidate
     (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment on
@@ -193,6 +222,7 @@ class RunConfig:
     reseed: ReseedConfig = ReseedConfig()
     band: BandConfig = BandConfig()
     evaluation: EvalConfig = EvalConfig()
+    restarts: RestartConfig = RestartConfig()
     seed: int = 0
     data: tuple[tuple[str, Any], ...] = ()
 
@@ -207,6 +237,17 @@ class RunConfig:
     @property
     def num_classes(self) -> int:
         return self.em.num_classes
+
+    def check(self) -> None:
+        """The checks across sections (a ``ValueError`` naming the problem), made once all ``--set`` overrides
+        are in: one at a time, a valid combination may pass through invalid ones."""
+        if self.restarts.active:
+            _check(self.model_type == "hmdm", "restarts are chosen by the HMDM's bound on held-out sequences: "
+                                              "the mixture has none (set restarts.count=1)")
+            _check(self.restarts.steps < self.loop.train_steps,
+                   f"restarts.steps ({self.restarts.steps}) must be below loop.train_steps ({self.loop.train_steps})")
+            _check(self.restarts.steps >= self.warm_start.steps,
+                   f"restarts.steps ({self.restarts.steps}) must cover the warm start ({self.warm_start.steps} steps)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """The one training loop, for both the mixture and HMDM.
 
-``train`` runs jitted steps on deterministic batches, calls the hooks (evaluation, dead-state re-seeding,
-the band choice) after each, writes ``metrics.jsonl`` and Orbax checkpoints, resumes exactly, and stops
+``train`` runs jitted steps on deterministic batches (after the restarts, when the config has them), calls
+the hooks (evaluation, dead-state re-seeding, the band choice) after each, writes ``metrics.jsonl`` and Orbax checkpoints, resumes exactly, and stops
 cleanly on SIGTERM/Ctrl-C (checkpoint, then return). The step count lives on the host, so the loop never
 waits on the device to know where it is.
 """
@@ -11,15 +11,16 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from hmdm_jax import checkpoint, parallel, warm_start
+from hmdm_jax.run import restarts
 from hmdm_jax.run.batches import Clamp, TrainData, check_data, make_batch, phase_labels
-from hmdm_jax.run.config import RunConfig
+from hmdm_jax.run.config import RunConfig, WarmStartConfig
 from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks
 from hmdm_jax.run.parts import RunParts, build_parts, init_state, make_step, streams
 from hmdm_jax.state import TrainState
@@ -114,24 +115,32 @@ def train(
 ) -> TrainResult:
     """Trains ``config`` on ``data``, writing ``config.json``, ``metrics.jsonl`` and checkpoints to ``workdir``.
 
+    With ``restarts.count > 1`` the run first trains that many candidates for ``restarts.steps`` steps each
+    (no checkpoints: a stop during them leaves none) and continues the one of highest held-out bound; every
+    candidate's records in ``metrics.jsonl`` carry ``"restart": r``.
+
     Args:
       heldout: data for the periodic evaluation (labels are used only there).
       resume: continue from the latest checkpoint in ``workdir/checkpoints`` (error if none).
       overwrite: replace a run already in ``workdir`` (otherwise that is an error, so runs never mix).
       true_A: the data's transition matrix, to report A's error after matching (synthetic sequences).
       init_params: start from these ε-network parameters (fine-tuning a pretrained diffusion).
-      stop_after: stop (with a checkpoint) after this many steps in this call (tests and demos of resume).
+      stop_after: stop (with a checkpoint) after this many steps in this call, not counting the candidates'
+        (tests and demos of resume).
       hooks: the periodic hooks (default :func:`~hmdm_jax.run.hooks.default_hooks`).
 
     Input errors (data that do not fit the config, a used workdir, nothing to resume) raise ``ValueError``
     before anything is written.
     """
+    config.check()
     check_data(config, data)
     workdir = Path(workdir)
+    split = restarts.split_sequences(config, data) if config.restarts.active and not resume else None
     _prepare_workdir(workdir, resume, overwrite)
     parts = build_parts(config)
-    keys = streams(config.seed)
-    labels, start_record = phase_labels(config, data)
+    # with restarts, the run continues after the warm start (each candidate makes its own)
+    own_start = not config.restarts.active
+    labels, start_record = phase_labels(config if own_start else config.replace(warm_start=WarmStartConfig("none")), data)
     if config.band.choose and not (labels[0] >= 0).any():
         raise ValueError("band.choose picks the band from the warm-start assignment: set warm_start.method "
                          "(or observe some labels)")
@@ -142,25 +151,28 @@ def train(
     # several hosts: each passes its share and the global array is assembled over the mesh
     place = (lambda b: parallel.global_batch(b, mesh)) if jax.process_count() > 1 else (lambda b: b)
 
-    state = init_state(config, parts, init_params)
     ckpt = checkpoint.Checkpointer.open(workdir / "checkpoints", max_to_keep=config.loop.keep_checkpoints,
                                         save_every=config.loop.checkpoint_every or 10**12, config=config)
-    loop = LoopState(0, state)
     if resume:
-        state, metadata = ckpt.restore(state)
+        state, metadata = ckpt.restore(init_state(config, parts, init_params))
         loop = LoopState(int(state.step), state, dict(metadata.get("decisions", {})),
                          _restored_clamp(metadata, data.labels.shape))
+    else:
+        loop = LoopState(0, init_state(config, parts, init_params) if own_start else None)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     metrics_file = open(workdir / "metrics.jsonl", "a" if resume else "w")
 
-    def log(record: dict, message: str | None) -> None:
-        metrics_file.write(json.dumps({"step": loop.step, **_jsonable(record)}) + "\n")
-        metrics_file.flush()
-        if message and progress:
-            tqdm.write(message)
-        elif message:
-            print(message, flush=True)
+    def logger(prefix: dict, label: str, at: Callable[[], int]):
+        def log(record: dict, message: str | None) -> None:
+            metrics_file.write(json.dumps({"step": at(), **prefix, **_jsonable(record)}) + "\n")
+            metrics_file.flush()
+            if message:
+                message = label + message
+                tqdm.write(message) if progress else print(message, flush=True)
+        return log
 
+    log = logger({}, "", lambda: loop.step)
+    keys = streams(config.seed)
     ctx = RunContext(config, parts, data, heldout, labels, keys, true_A, log)
     if start_record and not resume:
         log({"warm_start": start_record}, warm_start.describe(start_record))
@@ -169,30 +181,32 @@ def train(
 
     step_fns: dict = {}
 
-    def step_fn(n: int):
-        em_config = config.with_decisions(loop.decisions)
+    def step_fn(decisions: dict, n: int):
+        em_config = config.with_decisions(decisions)
         key = (em_config.em, n)
         if key not in step_fns:
             step_fns[key] = make_step(em_config, parts, mesh, fused=n)
         return step_fns[key]
 
-    fused, start = config.loop.steps_per_call, loop.step
-    end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps, start + stop_after)
-    frames_per_step = config.loop.batch_size * (1 if data.mask is None else data.images.shape[1])
-    bar = tqdm(total=end - start, disable=not progress, desc=config.model_type, unit="step")
-    t_last, step_last, stopped_early = time.perf_counter(), start, False
-    try:
-        with checkpoint.PreemptionGuard() as guard:
+    def run_steps(ctx: RunContext, loop: LoopState, end: int, after_step: Callable[[LoopState], None]
+                  ) -> tuple[LoopState, bool]:
+        """Steps ``loop`` to ``end`` under ``ctx``, with the hooks: the loop state, and whether a stop was requested."""
+        fused = config.loop.steps_per_call
+        frames_per_step = config.loop.batch_size * (1 if data.mask is None else data.images.shape[1])
+        bar = tqdm(total=end - loop.step, disable=not progress, desc=config.model_type, unit="step")
+        t_last, step_last = time.perf_counter(), loop.step
+        try:
             while loop.step < end:
                 n = fused if end - loop.step >= fused else 1
+                c = ctx.config
                 if n > 1:
-                    batches = [make_batch(config, data, labels, loop.step + i, loop.clamp) for i in range(n)]
+                    batches = [make_batch(c, ctx.data, ctx.phase_labels, loop.step + i, loop.clamp) for i in range(n)]
                     stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-                    loop.train_state, metrics = step_fn(n)(loop.train_state, place(stacked))
+                    loop.train_state, metrics = step_fn(loop.decisions, n)(loop.train_state, place(stacked))
                     metrics = jax.tree.map(lambda m: m[-1], metrics)
                 else:
-                    batch = make_batch(config, data, labels, loop.step, loop.clamp)
-                    loop.train_state, metrics = step_fn(1)(loop.train_state, place(batch))
+                    batch = make_batch(c, ctx.data, ctx.phase_labels, loop.step, loop.clamp)
+                    loop.train_state, metrics = step_fn(loop.decisions, 1)(loop.train_state, place(batch))
                 prev = loop.step
                 loop.step += n
                 bar.update(n)
@@ -201,16 +215,43 @@ def train(
                     rate = (loop.step - step_last) * frames_per_step / max(now - t_last, 1e-9)
                     t_last, step_last = now, loop.step
                     record = {**_jsonable(metrics), "frames_per_sec": rate}
-                    log(record, None)
+                    ctx.log(record, None)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", fps=f"{rate:.0f}")
                 for hook in hooks:
                     loop = hook(ctx, loop, prev)
-                ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop))
+                after_step(loop)
                 # multi-host: every process must stop at the same step, which JAX's preemption sync decides
                 if ckpt.reached_preemption(loop.step) if jax.process_count() > 1 else guard.should_stop:
-                    log({"stopped": loop.step}, f"stop requested at step {loop.step}: checkpoint saved, exiting")
-                    stopped_early = True
-                    break
+                    return loop, True
+            return loop, False
+        finally:
+            bar.close()
+
+    start = loop.step
+    end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps, start + stop_after)
+    stopped_early = False
+    try:
+        with checkpoint.PreemptionGuard() as guard:
+            if split is not None:
+                chosen = _choose_restart(config, parts, split, data, ctx, logger, run_steps, init_params)
+                if chosen is None:
+                    log({"stopped": "restarts"}, "stop requested during the restarts: no checkpoint yet, exiting")
+                    return TrainResult(None, config, parts, {}, {}, True)
+                loop = chosen
+                choice = loop.decisions["restarts"]
+                log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} continues (held-out bound "
+                    "per frame: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(choice["bounds"])) + ")")
+                ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop), force=True)
+                end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps,
+                                                                             loop.step + stop_after)
+
+            def save(loop: LoopState) -> None:
+                ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop))
+
+            loop, stop = run_steps(ctx, loop, end, save)
+            if stop:
+                log({"stopped": loop.step}, f"stop requested at step {loop.step}: checkpoint saved, exiting")
+                stopped_early = True
             ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop), force=True)
             ckpt.wait()
             if guard.should_stop and not stopped_early:
@@ -219,9 +260,42 @@ def train(
                                             f"checkpoint saved, exiting")
                 stopped_early = True
     finally:
-        bar.close()
         metrics_file.close()
         ckpt.wait()
         ckpt.close()
     return TrainResult(loop.train_state, config.with_decisions(loop.decisions), parts, loop.evaluation,
                        loop.decisions, stopped_early)
+
+
+def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, data: TrainData, ctx: RunContext,
+                    logger: Callable, run_steps: Callable, init_params: Any) -> LoopState | None:
+    """Trains every candidate for ``restarts.steps`` steps on ``split.train``, logs each one's held-out bound,
+    and returns the best one's loop state on all of ``data`` (its clamp widened, the choice in its
+    decisions); None when a stop was requested."""
+    r_config = config.restarts
+    key = jax.random.fold_in(streams(config.seed).eval, restarts.BOUND_STREAM)
+    best, scores = None, []
+    for r in range(r_config.count):
+        c = restarts.candidate_config(config, r)
+        cand = LoopState(0, init_state(c, parts, init_params))
+        log = logger({"restart": r}, f"restart {r}: ", lambda: cand.step)
+        labels, record = phase_labels(c, split.train)
+        log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed},
+            warm_start.describe(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}")
+        cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log)
+        cand, stop = run_steps(cand_ctx, cand, r_config.steps, lambda loop: None)
+        if stop:
+            return None
+        bound = restarts.heldout_bound(config, parts, cand.train_state, split.heldout, key)
+        scores.append(bound)
+        log({"restart_bound": bound}, f"bound on the {len(split.heldout.images)} held-out training sequences: "
+                                      f"{bound:.3f} nats per frame")
+        if np.isfinite(bound) and (best is None or bound > scores[best[0]]):
+            best = (r, cand)
+    if best is None:
+        raise FloatingPointError(f"every restart diverged (held-out bounds {scores}): lower optim.learning_rate")
+    r, cand = best
+    choice = {"chosen": r, "seed": restarts.candidate_seed(config.seed, r), "bounds": scores,
+              "warm_start": restarts.candidate_config(config, r).warm_start.method}
+    return LoopState(cand.step, cand.train_state, {**cand.decisions, "restarts": choice},
+                     restarts.widen_clamp(cand.clamp, split.train_index, data.labels.shape), cand.evaluation)

@@ -1,0 +1,134 @@
+"""Restarts chosen by the HMDM's held-out bound (``restarts`` in the config): the split, the candidates, the
+choice, the exact continuation and resume, and that the bound ranks a model that found the states above one
+that merged two, on the 2-D blobs of tests/blobs.py."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hmdm_jax import checkpoint, run
+from hmdm_jax.run import parts as rp
+from hmdm_jax.run import restarts
+from hmdm_jax.run.batches import Clamp, TrainData
+from tests.blobs import K, STICKY_A, blob_config, blobs, markov_labels
+
+
+def sequences(seed, num_sequences=24, length=10):
+    rng = np.random.default_rng(seed)
+    labels = markov_labels(rng, num_sequences, length)
+    return TrainData(blobs(rng, labels), labels, np.zeros(labels.shape, bool), np.ones(labels.shape, bool))
+
+
+def with_restarts(config, **fields):
+    return dataclasses.replace(config, restarts=dataclasses.replace(config.restarts, **fields))
+
+
+def test_the_split_is_disjoint_seeded_and_leaves_a_batch():
+    data = sequences(0, num_sequences=40)
+    config = with_restarts(blob_config("hmdm", 20, 4), count=2, steps=10, heldout_fraction=0.25)
+    split = restarts.split_sequences(config, data)
+    held = np.setdiff1d(np.arange(40), split.train_index)
+    assert len(split.train_index) == 30 and len(held) == 10
+    np.testing.assert_array_equal(split.train.images, data.images[split.train_index])
+    np.testing.assert_array_equal(split.heldout.labels, data.labels[held])
+    np.testing.assert_array_equal(restarts.split_sequences(config, data).train_index, split.train_index)
+    other = restarts.split_sequences(dataclasses.replace(config, seed=1), data).train_index
+    assert not np.array_equal(other, split.train_index)
+    with pytest.raises(ValueError, match="fewer than loop.batch_size = 36"):
+        restarts.split_sequences(dataclasses.replace(config, loop=dataclasses.replace(config.loop, batch_size=36)), data)
+
+
+def test_candidates_have_their_own_seed_and_warm_start_and_no_restarts():
+    config = with_restarts(blob_config("hmdm", 20, 4, warm_start="kmeans"), count=3, steps=10,
+                           methods=("kmeans", "ward"))
+    cands = [restarts.candidate_config(config, r) for r in range(3)]
+    assert cands[0].seed == config.seed and len({c.seed for c in cands}) == 3
+    assert [c.warm_start.method for c in cands] == ["kmeans", "ward", "kmeans"]
+    assert all(not c.restarts.active and c.loop == config.loop for c in cands)
+    no_methods = restarts.candidate_config(with_restarts(config, methods=()), 1)
+    assert no_methods.warm_start == config.warm_start
+
+
+def test_widened_clamp_frees_the_heldout_sequences():
+    clamp = Clamp(7, np.array([[1, 2], [0, -1]], np.int32))
+    wide = restarts.widen_clamp(clamp, np.array([0, 2]), (3, 2))
+    assert wide.until == 7
+    np.testing.assert_array_equal(wide.labels, [[1, 2], [-1, -1], [0, -1]])
+    assert restarts.widen_clamp(None, np.array([0]), (1, 2)) is None
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(count=2, steps=30), "must be below loop.train_steps"),
+    (dict(count=2, steps=5), "must cover the warm start"),
+])
+def test_bad_restart_settings_are_refused_before_anything_is_written(tmp_path, fields, match):
+    config = with_restarts(blob_config("hmdm", 30, 4, warm_start="kmeans", warm_start_steps=10), **fields)
+    with pytest.raises(ValueError, match=match):
+        run.train(config, sequences(0), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    mixture = with_restarts(blob_config("mixture", 30, 4), count=2, steps=10)
+    with pytest.raises(ValueError, match="the mixture has none"):
+        run.train(mixture, TrainData(np.zeros((8, 2), np.float32), np.zeros(8, np.int32), np.zeros(8, bool)),
+                  tmp_path / "mix", progress=False)
+    with pytest.raises(ValueError, match="restarts.methods"):
+        with_restarts(config, methods=("kmeans", "spectral"))
+
+
+def test_the_run_continues_the_best_candidate_exactly_and_resumes_without_restarting(tmp_path):
+    """Three candidates: the one of highest logged bound continues; its state at the choice equals that
+    candidate's config trained alone on the same share; a run stopped after the choice and resumed equals
+    the uninterrupted one bit for bit, without training candidates again."""
+    data = sequences(1)
+    config = with_restarts(blob_config("hmdm", 14, 4, warm_start="kmeans", warm_start_steps=4, reseed_every=0),
+                           count=3, steps=8, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8)
+    whole = run.train(config, data, tmp_path / "whole", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    bounds = {r["restart"]: r["restart_bound"] for r in records if "restart_bound" in r}
+    choice = next(r["restarts"] for r in records if "restarts" in r)
+    assert sorted(bounds) == [0, 1, 2] and len(set(bounds.values())) == 3
+    assert choice["chosen"] == max(bounds, key=bounds.get) and choice["bounds"] == [bounds[r] for r in range(3)]
+    assert whole.decisions["restarts"] == choice and int(whole.state.step) == 14
+
+    # the continued state is the chosen candidate's: its config trained alone on the candidates' share
+    split = restarts.split_sequences(config, data)
+    alone = run.train(restarts.candidate_config(config, choice["chosen"]), split.train, tmp_path / "alone",
+                      progress=False, stop_after=8).state
+    _, _, at_choice, metadata = rp.load_run(tmp_path / "whole", step=8)
+    assert metadata["decisions"]["restarts"] == choice
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(at_choice)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    run.train(config, data, tmp_path / "split", progress=False, stop_after=2)
+    assert checkpoint.latest_step(tmp_path / "split" / "checkpoints") == 10
+    resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    after = lines[[i for i, line in enumerate(lines) if '"resumed"' in line][0]:]
+    assert not any('"restart"' in line for line in after)
+    assert resumed.decisions["restarts"] == choice
+
+
+def test_the_bound_ranks_the_true_states_above_a_merged_pair(tmp_path):
+    """The same network trained with every label observed, once with the true states and once with blobs 1
+    and 2 given one state (state 2 empty): on held-out sequences the bound of the true states is higher, and
+    the true chain scores above a uniform one for the same network. A bound that ignored the chain or the
+    states could not pass."""
+    data, held = sequences(2, num_sequences=32, length=12), sequences(3, num_sequences=16, length=12)
+    config = with_restarts(blob_config("hmdm", 300, 8, reseed_every=0), num_t=32)
+    bounds = {}
+    for name, labels in (("true", data.labels), ("merged", np.where(data.labels == 2, 1, data.labels))):
+        observed = TrainData(data.images, labels.astype(np.int32), np.ones(labels.shape, bool), data.mask)
+        result = run.train(config, observed, tmp_path / name, progress=False)
+        parts, state = result.parts, result.state
+        key = jax.random.PRNGKey(0)
+        bounds[name] = restarts.heldout_bound(config, parts, state, held, key)
+        if name == "true":
+            uniform = state.replace(log_A=jnp.full((K, K), -np.log(K)))
+            bounds["uniform chain"] = restarts.heldout_bound(config, parts, uniform, held, key)
+            np.testing.assert_allclose(np.exp(np.asarray(state.log_A)), STICKY_A, atol=0.06)
+    assert bounds["true"] > bounds["merged"] + 0.1, bounds
+    assert bounds["true"] > bounds["uniform chain"] + 0.1, bounds
