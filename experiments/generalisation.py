@@ -4,7 +4,9 @@
 Runs ``experiments/hmdm.py`` (same flags, same preset) once per setting and seed, each in its own workdir
 ``WORKDIR/<setting>_s<seed>``, and writes ``WORKDIR/generalisation.md`` and ``.json``: held-out Viterbi
 accuracy, A error, the frame-wise accuracy of the same network (its emissions without the chain), the
-tuned Gaussian HMM and the frame-wise baselines, and the wall time. A workdir that already holds
+tuned Gaussian HMM, the frame-wise baselines, the diffusion mixture trained on the frames of the same image
+pools (``experiments/mixture.py --heldout-fraction 0.3``, one per seed: the pools do not depend on the chain;
+``--no-mixture`` skips it), the warm start of the restart the bound chose, and the wall time. A workdir that already holds
 ``results.json`` is read, not retrained, so an interrupted table resumes where it stopped.
 
 Settings (``--settings``, comma-separated): ``cyclic0.8`` (the main job), ``sticky0.9``, ``sticky0.7``,
@@ -32,6 +34,7 @@ import numpy as np
 import common
 import decode as decode_experiment
 import hmdm as hmdm_experiment
+import mixture as mixture_experiment
 from hmdm_jax import data as hdata
 from hmdm_jax import metrics, run
 
@@ -55,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="digits")
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE", help="passed to hmdm.py")
+    p.add_argument("--no-mixture", action="store_true", help="skip the frame-wise diffusion mixture")
     args = p.parse_args(argv)
     args.settings = [s for s in args.settings.split(",") if s]
     for name in args.settings:
@@ -118,23 +122,42 @@ def run_one(args, name: str, seed: int) -> dict:
     return results
 
 
-def row(name: str, seed: int, r: dict) -> dict:
+def run_mixture(args, seed: int) -> dict | None:
+    """The diffusion mixture on the training pool of ``seed``, scored on the held-out pool (the frames of both
+    sequence sets); None for an npz source, whose frames have no pools."""
+    if args.no_mixture or args.data.startswith("npz:"):
+        return None
+    workdir = Path(args.workdir) / f"mixture_s{seed}"
+    done = workdir / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return mixture_experiment.main(["--data", args.data, "--preset", args.preset, "--workdir", str(workdir),
+                                    "--seed", str(seed), "--heldout-fraction", "0.3", "--overwrite",
+                                    "--no-progress", "--no-figures"])
+
+
+def row(name: str, seed: int, r: dict, mixture: dict | None = None) -> dict:
     b = r.get("baselines", {})
     pick = lambda key: (b.get(key) or {}).get("accuracy")
+    chosen = (r.get("decisions") or {}).get("restarts")
     return {"setting": name, "seed": seed, "heldout": r.get("heldout_accuracy"), "A_mae": r.get("A_mae"),
             "framewise": r.get("heldout_framewise_accuracy"), "gaussian_hmm": pick("gaussian_hmm"),
             "ghmm_best_pca": pick("gaussian_hmm_best_pca_by_labels"), "gmm": pick("gmm"), "kmeans": pick("kmeans"),
+            "mixture": None if mixture is None else mixture.get("heldout_accuracy"),
+            "chosen_start": None if chosen is None else f"{chosen['chosen']}: {chosen['warm_start']}",
             "minutes": (r.get("train_seconds", 0) + r.get("eval_seconds", 0)) / 60}
 
 
 def markdown(rows: list[dict]) -> str:
     fmt = lambda v, spec=".4f": "–" if v is None else format(v, spec)
     lines = ["| setting | seed | HMDM held-out | A error | HMDM frame-wise | tuned Gaussian HMM | GHMM, best PCA by labels "
-             "| GMM | k-means | HMDM − GHMM | train + eval min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| GMM | k-means | diffusion mixture | HMDM − GHMM | restart chosen | train + eval min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lead = None if r["heldout"] is None or r["gaussian_hmm"] is None else r["heldout"] - r["gaussian_hmm"]
         lines.append(f"| {r['setting']} | {r['seed']} | {fmt(r['heldout'])} | {fmt(r['A_mae'])} | {fmt(r['framewise'])} "
-                     f"| {fmt(r['gaussian_hmm'])} | {fmt(r['ghmm_best_pca'])} | {fmt(r['gmm'])} | {fmt(r['kmeans'])} | {fmt(lead, '+.4f')} "
+                     f"| {fmt(r['gaussian_hmm'])} | {fmt(r['ghmm_best_pca'])} | {fmt(r['gmm'])} | {fmt(r['kmeans'])} "
+                     f"| {fmt(r.get('mixture'))} | {fmt(lead, '+.4f')} | {r.get('chosen_start') or '–'} "
                      f"| {fmt(r['minutes'], '.1f')} |")
     return "\n".join(lines)
 
@@ -146,7 +169,7 @@ def main(argv=None):
     rows = []
     for name in args.settings:
         for seed in args.seeds:
-            rows.append(row(name, seed, run_one(args, name, seed)))
+            rows.append(row(name, seed, run_one(args, name, seed), run_mixture(args, seed)))
             table = markdown(rows)
             (out / "generalisation.md").write_text(f"# HMDM generalisation ({args.data}, preset {args.preset})\n\n"
                                                    f"{table}\n")

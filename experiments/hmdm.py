@@ -116,6 +116,7 @@ def main(argv=None):
         "train_seconds": timer.seconds, "eval_seconds": eval_timer.seconds, "final_num_t": num_t,
         **{key: v for key, v in ev.items() if key != "heldout_states"},
         "A_learned": learned_A.round(4), "A_true": true_A,
+        "decisions": result.decisions,  # what the run decided without labels: band, restarts
     }
     results["baselines"] = baselines(train_seqs, held_seqs, k, args.seed)
     common.write_results(workdir, results)

@@ -64,7 +64,7 @@ def main(argv=None):
     pred = decode(images.images)
     results = {"model": "mixture", "data": args.data, "seed": args.seed, "steps": int(result.state.step),
                "train_seconds": timer.seconds, "final_num_t": num_t, "final_estimator": estimator,
-               "pi": np.exp(np.asarray(result.state.log_pi))}
+               "pi": np.exp(np.asarray(result.state.log_pi)), "decisions": result.decisions}
     results.update(run.score_states(images.labels, pred, k, observed=observed if observed.any() else None))
     if (images.labels >= 0).any():
         flat = images.images.reshape(len(images.images), -1)

@@ -37,10 +37,13 @@ def test_the_table_is_read_from_finished_runs_without_training(tmp_path):
     done = {"heldout_accuracy": 0.98, "A_mae": 0.01, "heldout_framewise_accuracy": 0.9, "train_seconds": 60,
             "eval_seconds": 30, "baselines": {"gaussian_hmm": {"accuracy": 0.9}, "gmm": {"accuracy": 0.8},
                                               "kmeans": {"accuracy": 0.7}}}
-    for name in ("sticky0.9_s0", "npz-sticky0.9_s0"):
+    restarted = {**done, "decisions": {"restarts": {"chosen": 2, "warm_start": "ghmm", "bounds": [-3.0, -2.0, -1.0]}}}
+    for name, results in (("sticky0.9_s0", restarted), ("npz-sticky0.9_s0", done), ("mixture_s0", {"heldout_accuracy": 0.93})):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(done))
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
     rows = generalisation.main(["--workdir", str(tmp_path), "--settings", "sticky0.9,npz-sticky0.9"])
     assert [r["setting"] for r in rows] == ["sticky0.9", "npz-sticky0.9"]
     table = (tmp_path / "generalisation.md").read_text()
-    assert "| sticky0.9 | 0 | 0.9800 | 0.0100 | 0.9000 | 0.9000 | – | 0.8000 | 0.7000 | +0.0800 | 1.5 |" in table
+    assert ("| sticky0.9 | 0 | 0.9800 | 0.0100 | 0.9000 | 0.9000 | – | 0.8000 | 0.7000 | 0.9300 | +0.0800 | 2: ghmm "
+            "| 1.5 |") in table
+    assert "| npz-sticky0.9 | 0 | 0.9800 | 0.0100 | 0.9000 | 0.9000 | – | 0.8000 | 0.7000 | 0.9300 | +0.0800 | – |" in table

@@ -286,6 +286,12 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert hm.evaluation.final_estimator is None and hm.loop.observed_batch_fraction == 0 and not hm.band.choose
     assert hm.warm_start.method == "kmeans" and hm.em.scoring.t_range == (0.3, 0.6)
     assert hm.reseed.split_merge and not unlabelled.reseed.split_merge  # the move is measured on HMDM only
+    # HMDM: one pass scores all K classes, which pays for restarts from three different warm starts
+    assert hm.network.class_heads == "multi_head" and mix.network.class_heads == "embedding"
+    assert (hm.restarts.count, hm.restarts.methods) == (3, ("kmeans", "ward", "ghmm")) and not mix.restarts.active
+    many = presets.preset("cpu-small", "hmdm", 10, (28, 28, 1), num_sequences=2000, length=30)
+    assert many.restarts.methods == ("kmeans", "kmeans", "ghmm")  # 60k frames: too many for Ward
+    hm.check()
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         rc.EvalConfig(final_estimator="elbow")
     with pytest.raises(ValueError, match="unknown preset"):
@@ -307,6 +313,10 @@ def test_overrides_name_unknown_fields_and_check_types():
         rc.apply_overrides(config, ["loop.batch_size=0"])
     with pytest.raises(ValueError, match="seed must be"):
         rc.apply_overrides(config, ["seed=-1"])
+    for raw in ("kmeans,ward", '["kmeans", "ward"]'):  # a tuple of names: comma-separated or JSON
+        assert rc.apply_overrides(config, [f"restarts.methods={raw}"]).restarts.methods == ("kmeans", "ward")
+    with pytest.raises(ValueError, match="restarts.methods must name warm starts"):
+        rc.apply_overrides(config, ["restarts.methods=kmeans,wrd"])
 
 
 def test_em_options_are_grouped_and_a_config_of_another_layout_is_refused():

@@ -296,7 +296,8 @@ def _to_tuple(value):
 def apply_overrides(config, overrides: list[str]):
     """``config`` with dotted overrides applied, e.g. ``["loop.train_steps=100", "em.temperature.final=0.2"]``.
 
-    Values are parsed as JSON when possible (numbers, true/false, null, lists), else kept as strings, and
+    Values are parsed as JSON when possible (numbers, true/false, null, lists), else kept as strings (a
+    comma-separated string for a tuple of names: ``restarts.methods=kmeans,ward``), and
     must match the field's type: an unknown field or a value of the wrong type raises a ``ValueError``
     that names the field. A group given as a JSON object sets several of its fields at once, for options
     that are valid only together: ``'em.temperature={"initial": 2.0, "anneal_steps": 1000}'``.
@@ -345,6 +346,8 @@ def _coerce(value, hint, full):
         origin = typing.get_origin(option)
         if (option is tuple or origin is tuple) and isinstance(value, tuple):
             return value
+        if origin is tuple and typing.get_args(option)[:1] == (str,) and isinstance(value, str):
+            return tuple(v for v in value.split(",") if v)  # names, comma-separated: methods=kmeans,ward
         if option is Any:
             return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
