@@ -132,3 +132,21 @@ def test_the_bound_ranks_the_true_states_above_a_merged_pair(tmp_path):
             np.testing.assert_allclose(np.exp(np.asarray(state.log_A)), STICKY_A, atol=0.06)
     assert bounds["true"] > bounds["merged"] + 0.1, bounds
     assert bounds["true"] > bounds["uniform chain"] + 0.1, bounds
+
+
+def test_a_short_run_asked_for_with_steps_turns_the_preset_restarts_off(capsys):
+    import argparse
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import common
+
+    args = argparse.Namespace(preset="cpu-small", seed=0, steps=1000, set=[])
+    assert not common.build_config(args, "hmdm", 10, (8, 8, 1)).restarts.active
+    assert "restarts off" in capsys.readouterr().out
+    args.steps = 5000
+    assert common.build_config(args, "hmdm", 10, (8, 8, 1)).restarts.count == 3
+    args.steps, args.set = 800, ["restarts.count=2", "restarts.steps=600"]  # asked for: kept
+    kept = common.build_config(args, "hmdm", 10, (8, 8, 1))
+    assert (kept.restarts.count, kept.restarts.steps, kept.loop.train_steps) == (2, 600, 800)
+    kept.check()
