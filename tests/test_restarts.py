@@ -86,10 +86,14 @@ def test_the_run_continues_the_best_candidate_exactly_and_resumes_without_restar
                            count=3, steps=8, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8)
     whole = run.train(config, data, tmp_path / "whole", progress=False)
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    bounds = {r["restart"]: r["restart_bound"] for r in records if "restart_bound" in r}
+    scores = {r["restart"]: r["restart_scores"] for r in records if "restart_scores" in r}
+    chain = {r: s["chain"] for r, s in scores.items()}
     choice = next(r["restarts"] for r in records if "restarts" in r)
-    assert sorted(bounds) == [0, 1, 2] and len(set(bounds.values())) == 3
-    assert choice["chosen"] == max(bounds, key=bounds.get) and choice["bounds"] == [bounds[r] for r in range(3)]
+    assert sorted(scores) == [0, 1, 2] and len(set(chain.values())) == 3 and choice["criterion"] == "chain"
+    assert choice["chosen"] == max(chain, key=chain.get) and choice["scores"] == [chain[r] for r in range(3)]
+    assert choice["bounds"] == [scores[r]["bound"] for r in range(3)]
+    for s in scores.values():
+        assert s["chain"] == pytest.approx(s["bound"] - s["framewise"])
     assert whole.decisions["restarts"] == choice and int(whole.state.step) == 14
 
     # the continued state is the chosen candidate's: its config trained alone on the candidates' share
@@ -112,11 +116,21 @@ def test_the_run_continues_the_best_candidate_exactly_and_resumes_without_restar
     assert resumed.decisions["restarts"] == choice
 
 
-def test_the_bound_ranks_the_true_states_above_a_merged_pair(tmp_path):
+def test_the_stationary_distribution_solves_pi_A_equals_pi():
+    two = np.log(np.array([[0.9, 0.1], [0.3, 0.7]]))
+    np.testing.assert_allclose(np.exp(restarts.stationary_log_distribution(two)), [0.75, 0.25], atol=1e-6)
+    cycle = np.log(np.roll(np.eye(4), 1, axis=1) + 1e-30)  # periodic: powers of A never converge, π is uniform
+    np.testing.assert_allclose(np.exp(restarts.stationary_log_distribution(cycle)), np.full(4, 0.25), atol=1e-6)
+    pi = np.exp(restarts.stationary_log_distribution(np.log(STICKY_A)))
+    np.testing.assert_allclose(pi @ STICKY_A, pi, atol=1e-6)
+
+
+def test_the_scores_rank_the_true_states_above_a_merged_pair(tmp_path):
     """The same network trained with every label observed, once with the true states and once with blobs 1
-    and 2 given one state (state 2 empty): on held-out sequences the bound of the true states is higher, and
-    the true chain scores above a uniform one for the same network. A bound that ignored the chain or the
-    states could not pass."""
+    and 2 given one state (state 2 empty): on held-out sequences the bound and the chain's share of the true
+    states are higher; for the same network a uniform chain explains nothing beyond the frames (chain share 0,
+    the bound equal to the frame-wise one) and the true chain scores above it. Scores that ignored the chain
+    or the states could not pass."""
     data, held = sequences(2, num_sequences=32, length=12), sequences(3, num_sequences=16, length=12)
     config = with_restarts(blob_config("hmdm", 300, 8, reseed_every=0), num_t=32)
     bounds = {}
@@ -125,13 +139,15 @@ def test_the_bound_ranks_the_true_states_above_a_merged_pair(tmp_path):
         result = run.train(config, observed, tmp_path / name, progress=False)
         parts, state = result.parts, result.state
         key = jax.random.PRNGKey(0)
-        bounds[name] = restarts.heldout_bound(config, parts, state, held, key)
+        bounds[name] = restarts.heldout_scores(config, parts, state, held, key)
         if name == "true":
-            uniform = state.replace(log_A=jnp.full((K, K), -np.log(K)))
-            bounds["uniform chain"] = restarts.heldout_bound(config, parts, uniform, held, key)
+            uniform = state.replace(log_pi=jnp.full(K, -np.log(K)), log_A=jnp.full((K, K), -np.log(K)))
+            bounds["uniform chain"] = restarts.heldout_scores(config, parts, uniform, held, key)
             np.testing.assert_allclose(np.exp(np.asarray(state.log_A)), STICKY_A, atol=0.06)
-    assert bounds["true"] > bounds["merged"] + 0.1, bounds
-    assert bounds["true"] > bounds["uniform chain"] + 0.1, bounds
+    true, merged, uniform = bounds["true"], bounds["merged"], bounds["uniform chain"]
+    assert true.bound > merged.bound + 0.1 and true.chain > merged.chain + 0.1, bounds
+    assert true.bound > uniform.bound + 0.1 and true.chain > 0.1, bounds
+    assert abs(uniform.chain) < 1e-4 and uniform.framewise == pytest.approx(true.framewise, abs=0.05), bounds
 
 
 def test_a_short_run_asked_for_with_steps_turns_the_preset_restarts_off(capsys):

@@ -134,15 +134,17 @@ class RestartConfig:
     """Restarts chosen by the model's own bound (HMDM): ``count`` candidate runs of ``steps`` steps each,
     on the training sequences less a held-out share of ``heldout_fraction``. Candidate r has its own seed
     (its network init, step keys and warm-start draws) and the warm start ``methods[r % len(methods)]``
-    (empty: ``warm_start.method`` for all). The candidate whose likelihood bound per frame on the
-    held-out share is highest (:func:`hmdm_jax.hmdm.log_likelihood_bound`, ``num_t`` ELBO terms, EMA
-    parameters) continues on all the sequences to ``loop.train_steps``. ``count = 1``: no restarts."""
+    (empty: ``warm_start.method`` for all). The candidate whose ``criterion`` per frame on the held-out
+    share is highest continues on all the sequences to ``loop.train_steps``: "chain", the chain's share of
+    the likelihood bound (what the learned π, A explain beyond the frames), or "bound", the bound itself
+    (:class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). ``count = 1``: no restarts."""
 
     count: int = 1
     steps: int = 1000
     heldout_fraction: float = 0.1
     methods: tuple[str, ...] = ()
     num_t: int = 32
+    criterion: str = "chain"
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -150,6 +152,7 @@ class RestartConfig:
         _check(self.steps >= 1 and self.num_t >= 1, "restarts.steps and restarts.num_t must be >= 1")
         _check(0.0 < self.heldout_fraction < 1.0,
                f"restarts.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(self.criterion in ("chain", "bound"), f"restarts.criterion must be 'chain' or 'bound', got {self.criterion!r}")
         _check(all(m in warm_start.METHODS + ("none",) for m in self.methods),
                f"restarts.methods must name warm starts in {warm_start.METHODS + ('none',)}, got {self.methods}")
 

@@ -239,8 +239,8 @@ def train(
                     return TrainResult(None, config, parts, {}, {}, True)
                 loop = chosen
                 choice = loop.decisions["restarts"]
-                log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} continues (held-out bound "
-                    "per frame: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(choice["bounds"])) + ")")
+                log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} continues (held-out "
+                    f"{choice['criterion']} per frame: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(choice["scores"])) + ")")
                 ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop), force=True)
                 end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps,
                                                                              loop.step + stop_after)
@@ -286,16 +286,20 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         cand, stop = run_steps(cand_ctx, cand, r_config.steps, lambda loop: None)
         if stop:
             return None
-        bound = restarts.heldout_bound(config, parts, cand.train_state, split.heldout, key)
-        scores.append(bound)
-        log({"restart_bound": bound}, f"bound on the {len(split.heldout.images)} held-out training sequences: "
-                                      f"{bound:.3f} nats per frame")
-        if np.isfinite(bound) and (best is None or bound > scores[best[0]]):
+        score = restarts.heldout_scores(config, parts, cand.train_state, split.heldout, key)
+        scores.append(score)
+        log({"restart_scores": score._asdict()},
+            f"on the {len(split.heldout.images)} held-out training sequences, nats per frame: bound {score.bound:.3f}, "
+            f"frame-wise {score.framewise:.3f}, chain {score.chain:.3f}")
+        value = getattr(score, r_config.criterion)
+        if np.isfinite(value) and (best is None or value > getattr(scores[best[0]], r_config.criterion)):
             best = (r, cand)
     if best is None:
-        raise FloatingPointError(f"every restart diverged (held-out bounds {scores}): lower optim.learning_rate")
+        raise FloatingPointError(f"every restart diverged (held-out scores {scores}): lower optim.learning_rate")
     r, cand = best
-    choice = {"chosen": r, "seed": restarts.candidate_seed(config.seed, r), "bounds": scores,
+    choice = {"chosen": r, "seed": restarts.candidate_seed(config.seed, r), "criterion": r_config.criterion,
+              "scores": [getattr(s, r_config.criterion) for s in scores],
+              "bounds": [s.bound for s in scores], "chain": [s.chain for s in scores],
               "warm_start": restarts.candidate_config(config, r).warm_start.method}
     return LoopState(cand.step, cand.train_state, {**cand.decisions, "restarts": choice},
                      restarts.widen_clamp(cand.clamp, split.train_index, data.labels.shape), cand.evaluation)

@@ -2,10 +2,10 @@
 
 EM from one warm start settles in one local optimum; on some chains that optimum has two states sharing a
 digit and one state holding two, which no later move undoes reliably (RESULTS.md, issue 18). A few short
-runs from different starts, compared by the HMDM's likelihood bound on training sequences none of them
-trained on, choose the optimum with the model's own criterion: no labels, and the same criterion as the
-classical anchor's restarts (training likelihood), but held out, because a bound on the sequences a
-candidate trained on rewards fitting them rather than finding the states.
+runs from different starts, compared on training sequences none of them trained on, choose the optimum
+with the model's own criterion, no labels: by default the chain's share of the HMDM's likelihood bound
+(:class:`Scores`), or the bound itself. Held out, because a bound on the sequences a candidate trained on
+rewards fitting them rather than finding the states.
 """
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from hmdm_jax import hmdm
+from hmdm_jax import em, emission, hmm
 from hmdm_jax.run.batches import Clamp, TrainData
 from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.parts import RunParts
 from hmdm_jax.state import TrainState
 
-__all__ = ["Split", "candidate_config", "candidate_seed", "heldout_bound", "split_sequences", "widen_clamp"]
+__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "heldout_scores", "split_sequences",
+           "stationary_log_distribution", "widen_clamp"]
 
 SEED_STRIDE = 0x9E3779B1  # candidate r > 0 runs with seed + r * stride (mod 2**32): distinct, far apart streams
 BOUND_STREAM = 0xB0B0  # folded into the run's eval stream: the ELBO draws of the bound, one key for all candidates
@@ -71,26 +73,63 @@ def candidate_config(config: RunConfig, r: int) -> RunConfig:
                           restarts=dataclasses.replace(config.restarts, count=1))
 
 
-_BOUNDS: dict = {}
+class Scores(NamedTuple):
+    """A candidate's scores on the held-out sequences, in nats per valid frame (higher is better).
+
+    Attributes:
+      bound: the HMDM's likelihood bound, log p(y_1..y_n) through the learned π and A.
+      framewise: the same ELBO emissions with the frames independent, each state drawn from the chain's
+        stationary distribution: the bound of the frame-wise mixture the HMDM contains.
+      chain: ``bound − framewise``, what the learned chain explains beyond the frames. A state that holds
+        half of a digit, or two digits, makes the states less predictable from their neighbours and lowers
+        it, while the network's density quality, which dominates ``bound`` and differs between candidates
+        by more than a clustering's worth, largely cancels.
+    """
+
+    bound: float
+    framewise: float
+    chain: float
 
 
-def heldout_bound(config: RunConfig, parts: RunParts, state: TrainState, heldout: TrainData, key: jax.Array) -> float:
-    """The HMDM's likelihood bound on ``heldout`` in nats per valid frame (EMA parameters, the state's π and
-    A, ``restarts.num_t`` ELBO terms): higher is better; not finite when the candidate diverged. Every
-    candidate is scored with the same ``key``, so their difference is not the ELBO draws' noise."""
+_SCORERS: dict = {}
+
+
+def stationary_log_distribution(log_A: np.ndarray) -> np.ndarray:
+    """log π with π A = π (least squares with Σπ = 1, clipped to positive): the chain's long-run state shares."""
+    A = np.exp(np.asarray(log_A, np.float64))
+    k = len(A)
+    system = np.vstack([A.T - np.eye(k), np.ones((1, k))])
+    pi, *_ = np.linalg.lstsq(system, np.r_[np.zeros(k), 1.0], rcond=None)
+    pi = np.clip(pi, 1e-12, None)
+    return np.log(pi / pi.sum()).astype(np.float32)
+
+
+def heldout_scores(config: RunConfig, parts: RunParts, state: TrainState, heldout: TrainData, key: jax.Array) -> Scores:
+    """A candidate's :class:`Scores` on ``heldout`` (EMA parameters, the state's π and A, ``restarts.num_t``
+    ELBO terms; not finite when the candidate diverged). Every candidate is scored with the same ``key``,
+    so their differences are not the ELBO draws' noise, and both bounds use the same emissions."""
     num_t = config.restarts.num_t
     cache_key = (id(parts.eps_fn), num_t)
-    if cache_key not in _BOUNDS:
-        _BOUNDS[cache_key] = jax.jit(lambda params, schedule, log_pi, log_A, images, mask, key: hmdm.log_likelihood_bound(
-            parts.eps_fn, params, schedule, log_pi, log_A, images, mask, key, num_t=num_t))
-    fn = _BOUNDS[cache_key]
-    total, batch = 0.0, config.evaluation.batch_size
+    if cache_key not in _SCORERS:
+        def score(params, schedule, log_pi, log_A, log_stationary, images, mask, key):
+            batch, length = images.shape[:2]
+            frames = images.reshape((batch * length,) + images.shape[2:])
+            elbo = emission.log_emission(parts.eps_fn, params, schedule, frames, em.frame_keys(key, batch * length),
+                                         log_pi.shape[0], estimator="elbo", num_t=num_t).reshape(batch, length, -1)
+            forward = jax.vmap(hmm.forward_filter, (None, None, 0, 0))
+            iid_A = jnp.broadcast_to(log_stationary, log_A.shape)  # every row the stationary distribution
+            return (forward(log_pi, log_A, elbo, mask).log_marginal.sum(),
+                    forward(log_stationary, iid_A, elbo, mask).log_marginal.sum())
+        _SCORERS[cache_key] = jax.jit(score)
+    fn = _SCORERS[cache_key]
+    log_stationary = stationary_log_distribution(state.log_A)
+    totals, batch = np.zeros(2), config.evaluation.batch_size
     for start in range(0, len(heldout.images), batch):
         sl = slice(start, start + batch)
-        bound = fn(state.ema_params, parts.schedule, state.log_pi, state.log_A, heldout.images[sl], heldout.mask[sl],
-                   jax.random.fold_in(key, start))
-        total += float(np.sum(np.asarray(bound, np.float64)))
-    return total / max(int(heldout.mask.sum()), 1)
+        totals += np.asarray(fn(state.ema_params, parts.schedule, state.log_pi, state.log_A, log_stationary,
+                                heldout.images[sl], heldout.mask[sl], jax.random.fold_in(key, start)), np.float64)
+    bound, framewise = totals / max(int(heldout.mask.sum()), 1)
+    return Scores(float(bound), float(framewise), float(bound - framewise))
 
 
 def widen_clamp(clamp: Clamp | None, train_index: np.ndarray, full_shape: tuple[int, ...]) -> Clamp | None:
