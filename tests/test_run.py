@@ -287,7 +287,7 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert hm.warm_start.method == "kmeans" and hm.em.scoring.t_range == (0.3, 0.6)
     assert hm.reseed.split_merge and not unlabelled.reseed.split_merge  # the move is measured on HMDM only
     # HMDM: one pass scores all K classes, which pays for restarts from three different warm starts
-    assert hm.network.class_heads == "multi_head" and mix.network.class_heads == "embedding"
+    assert hm.network.class_heads == mix.network.class_heads == "multi_head"
     assert (hm.restarts.count, hm.restarts.methods) == (3, ("kmeans", "ward", "ghmm")) and not mix.restarts.active
     many = presets.preset("cpu-small", "hmdm", 10, (28, 28, 1), num_sequences=2000, length=30)
     assert many.restarts.methods == ("kmeans", "kmeans", "ghmm")  # 60k frames: too many for Ward

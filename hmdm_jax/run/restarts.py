@@ -74,7 +74,9 @@ def candidate_config(config: RunConfig, r: int) -> RunConfig:
 
 
 class Scores(NamedTuple):
-    """A candidate's scores on the held-out sequences, in nats per valid frame (higher is better).
+    """A candidate's scores on the held-out sequences, in nats per valid frame (higher is better), from ELBO
+    emissions with the Gaussian decoder (a density of the frames as continuous values; the discretized
+    bound of ``hmdm.log_likelihood_bound`` differs from it by the decoder term alone).
 
     Attributes:
       bound: the HMDM's likelihood bound, log p(y_1..y_n) through the learned π and A.
