@@ -98,13 +98,8 @@ def build_config(args, model_type: str, num_classes: int, event_shape, **data_re
     if getattr(args, "distributed", False):
         parallel.initialize_distributed()  # before the first JAX computation of the run
     config = run.preset(args.preset, model_type, num_classes, event_shape, **data_record)
-    overrides = [f"seed={args.seed}"] + ([f"loop.train_steps={args.steps}"] if args.steps is not None else [])
-    if args.steps is not None and config.restarts.active and args.steps <= config.restarts.steps:
-        # a short run asked for with --steps: no room for the preset's restarts (--set restarts.* brings them back)
-        print(f"--steps {args.steps} leaves no room for the preset's {config.restarts.count} restarts of "
-              f"{config.restarts.steps} steps: restarts off", flush=True)
-        overrides.append("restarts.count=1")
-    return run.apply_overrides(config, overrides + list(args.set))  # a bad override is a ValueError: one line via main_of
+    overrides = [f"seed={args.seed}"] + ([f"loop.train_steps={args.steps}"] if args.steps is not None else []) + list(args.set)
+    return run.apply_overrides(config, overrides)  # a bad override is a ValueError: one line via main_of
 
 
 def print_config(config: run.RunConfig) -> None:

@@ -36,7 +36,8 @@ from hmdm_jax import run  # noqa: E402
 # As many training as held-out sequences, one batch of them: every decode has the same shape (one compile).
 SEQUENCES = ["--num-sequences", "4", "--heldout-sequences", "4", "--length", "6"]
 SETS = ["loop.batch_size=4", "evaluation.every=0", "evaluation.final_num_t=2", "network.mlp_width=32",
-        "network.mlp_depth=1", "diffusion.timesteps=100", "warm_start.steps=2", "loop.log_every=2"]
+        "network.mlp_depth=1", "diffusion.timesteps=100", "warm_start.steps=2", "loop.log_every=2",
+        "restarts.count=1"]  # 4 sequences leave no held-out share for restarts (tests/test_restarts.py)
 EVAL = ["--nll-max-items", "2", "--num-samples", "24", "--sample-batch", "24", "--classifier-steps", "5",
         "--no-progress"]
 K = 10

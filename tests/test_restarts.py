@@ -61,7 +61,7 @@ def test_widened_clamp_frees_the_heldout_sequences():
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(count=2, steps=30), "must be below loop.train_steps"),
+    (dict(count=2, steps=31), "must be at most loop.train_steps"),
     (dict(count=2, steps=5), "must cover the warm start"),
 ])
 def test_bad_restart_settings_are_refused_before_anything_is_written(tmp_path, fields, match):
@@ -78,12 +78,12 @@ def test_bad_restart_settings_are_refused_before_anything_is_written(tmp_path, f
 
 
 def test_the_run_continues_the_best_candidate_exactly_and_resumes_without_restarting(tmp_path):
-    """Three candidates: the one of highest logged bound continues; its state at the choice equals that
+    """Three candidates of 8 steps: the one of highest logged chain share continues; its state at the choice equals that
     candidate's config trained alone on the same share; a run stopped after the choice and resumed equals
     the uninterrupted one bit for bit, without training candidates again."""
     data = sequences(1)
     config = with_restarts(blob_config("hmdm", 14, 4, warm_start="kmeans", warm_start_steps=4, reseed_every=0),
-                           count=3, steps=8, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8)
+                           count=3, steps=8, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8, criterion="chain")
     whole = run.train(config, data, tmp_path / "whole", progress=False)
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     scores = {r["restart"]: r["restart_scores"] for r in records if "restart_scores" in r}
@@ -150,19 +150,18 @@ def test_the_scores_rank_the_true_states_above_a_merged_pair(tmp_path):
     assert abs(uniform.chain) < 1e-4 and uniform.framewise == pytest.approx(true.framewise, abs=0.05), bounds
 
 
-def test_a_short_run_asked_for_with_steps_turns_the_preset_restarts_off(capsys):
-    import argparse
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import common
-
-    args = argparse.Namespace(preset="cpu-small", seed=0, steps=1000, set=[])
-    assert not common.build_config(args, "hmdm", 10, (8, 8, 1)).restarts.active
-    assert "restarts off" in capsys.readouterr().out
-    args.steps = 5000
-    assert common.build_config(args, "hmdm", 10, (8, 8, 1)).restarts.count == 3
-    args.steps, args.set = 800, ["restarts.count=2", "restarts.steps=600"]  # asked for: kept
-    kept = common.build_config(args, "hmdm", 10, (8, 8, 1))
-    assert (kept.restarts.count, kept.restarts.steps, kept.loop.train_steps) == (2, 600, 800)
-    kept.check()
+def test_whole_run_candidates_keep_the_chosen_one_as_the_result(tmp_path):
+    """``restarts.steps=None``: every candidate trains the whole run and the chosen one is the result, step
+    for step the candidate trained alone on the candidates' share (nothing continues on the held-out share)."""
+    data = sequences(4)
+    config = with_restarts(blob_config("hmdm", 8, 4, warm_start="kmeans", warm_start_steps=4, reseed_every=0),
+                           count=2, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8)
+    assert config.restarts.steps is None and config.restarts.candidate_steps(8) == 8
+    result = run.train(config, data, tmp_path / "whole", progress=False)
+    choice = result.decisions["restarts"]
+    assert int(result.state.step) == 8 and choice["criterion"] == "bound"
+    assert choice["chosen"] == int(np.argmax(choice["bounds"]))
+    alone = run.train(restarts.candidate_config(config, choice["chosen"]), restarts.split_sequences(config, data).train,
+                      tmp_path / "alone", progress=False).state
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(result.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -131,25 +131,28 @@ class ReseedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RestartConfig:
-    """Restarts chosen by the model's own bound (HMDM): ``count`` candidate runs of ``steps`` steps each,
-    on the training sequences less a held-out share of ``heldout_fraction``. Candidate r has its own seed
-    (its network init, step keys and warm-start draws) and the warm start ``methods[r % len(methods)]``
-    (empty: ``warm_start.method`` for all). The candidate whose ``criterion`` per frame on the held-out
-    share is highest continues on all the sequences to ``loop.train_steps``: "chain", the chain's share of
-    the likelihood bound (what the learned π, A explain beyond the frames), or "bound", the bound itself
-    (:class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). ``count = 1``: no restarts."""
+    """Restarts chosen by the model's own bound (HMDM): ``count`` candidate runs on the training sequences
+    less a held-out share of ``heldout_fraction``, each for ``steps`` steps (None: the whole run,
+    ``loop.train_steps``). Candidate r has its own seed (its network init, step keys and warm-start draws)
+    and the warm start ``methods[r % len(methods)]`` (empty: ``warm_start.method`` for all). The candidate
+    whose ``criterion`` per frame on the held-out share is highest is kept: "bound", the HMDM's likelihood
+    bound, or "chain", the chain's share of it (what the learned π, A explain beyond the frames;
+    :class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). It continues on all the
+    sequences to ``loop.train_steps`` (nothing is left to continue when ``steps`` is None: the kept model
+    never saw the held-out share). ``count = 1``: no restarts."""
 
     count: int = 1
-    steps: int = 1000
+    steps: int | None = None
     heldout_fraction: float = 0.1
     methods: tuple[str, ...] = ()
     num_t: int = 32
-    criterion: str = "chain"
+    criterion: str = "bound"
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
         _check(self.count >= 1, f"restarts.count must be >= 1, got {self.count}")
-        _check(self.steps >= 1 and self.num_t >= 1, "restarts.steps and restarts.num_t must be >= 1")
+        _check((self.steps is None or self.steps >= 1) and self.num_t >= 1,
+               "restarts.steps (None: the whole run) and restarts.num_t must be >= 1")
         _check(0.0 < self.heldout_fraction < 1.0,
                f"restarts.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(self.criterion in ("chain", "bound"), f"restarts.criterion must be 'chain' or 'bound', got {self.criterion!r}")
@@ -159,6 +162,9 @@ class RestartConfig:
     @property
     def active(self) -> bool:
         return self.count > 1
+
+    def candidate_steps(self, train_steps: int) -> int:
+        return train_steps if self.steps is None else self.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,10 +253,11 @@ class RunConfig:
         if self.restarts.active:
             _check(self.model_type == "hmdm", "restarts are chosen by the HMDM's bound on held-out sequences: "
                                               "the mixture has none (set restarts.count=1)")
-            _check(self.restarts.steps < self.loop.train_steps,
-                   f"restarts.steps ({self.restarts.steps}) must be below loop.train_steps ({self.loop.train_steps})")
-            _check(self.restarts.steps >= self.warm_start.steps,
-                   f"restarts.steps ({self.restarts.steps}) must cover the warm start ({self.warm_start.steps} steps)")
+            steps = self.restarts.candidate_steps(self.loop.train_steps)
+            _check(steps <= self.loop.train_steps,
+                   f"restarts.steps ({steps}) must be at most loop.train_steps ({self.loop.train_steps})")
+            _check(steps >= self.warm_start.steps,
+                   f"restarts.steps ({steps}) must cover the warm start ({self.warm_start.steps} steps)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

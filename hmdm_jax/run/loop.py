@@ -116,8 +116,9 @@ def train(
     """Trains ``config`` on ``data``, writing ``config.json``, ``metrics.jsonl`` and checkpoints to ``workdir``.
 
     With ``restarts.count > 1`` the run first trains that many candidates for ``restarts.steps`` steps each
-    (no checkpoints: a stop during them leaves none) and continues the one of highest held-out bound; every
-    candidate's records in ``metrics.jsonl`` carry ``"restart": r``.
+    (the whole run by default; no checkpoints: a stop during them leaves none) and keeps the one of highest
+    held-out score, continuing it when steps are left; every candidate's records in ``metrics.jsonl`` carry
+    ``"restart": r``.
 
     Args:
       heldout: data for the periodic evaluation (labels are used only there).
@@ -283,7 +284,7 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed},
             warm_start.describe(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}")
         cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log)
-        cand, stop = run_steps(cand_ctx, cand, r_config.steps, lambda loop: None)
+        cand, stop = run_steps(cand_ctx, cand, r_config.candidate_steps(config.loop.train_steps), lambda loop: None)
         if stop:
             return None
         score = restarts.heldout_scores(config, parts, cand.train_state, split.heldout, key)
