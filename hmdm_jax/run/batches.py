@@ -13,7 +13,8 @@ import numpy as np
 from hmdm_jax import matching, warm_start
 from hmdm_jax.run.config import RunConfig
 
-__all__ = ["Clamp", "TrainData", "batch_indices", "check_data", "make_batch", "phase_labels", "steps_per_epoch"]
+__all__ = ["Clamp", "TrainData", "batch_indices", "check_data", "describe_start", "make_batch", "phase_labels",
+           "steps_per_epoch"]
 
 OBSERVED_BATCH_STREAM = 0x0B5  # with seed and step, seeds the draw of a batch's observed items
 
@@ -87,7 +88,7 @@ def batch_indices(seed: int, step: int, num_items: int, batch_size: int) -> np.n
 def phase_labels(config: RunConfig, data: TrainData) -> tuple[np.ndarray, dict]:
     """The labels fed to the step (−1 = free): ``[2, *labels.shape]``, row 0 during the warm start (observed
     labels plus the warm start's assignment on the rest), row 1 after (observed labels only); and the warm
-    start's record of what it decided (``{}`` for none or a clustering)."""
+    start's record of what it decided (``{}`` for none or a clustering; :func:`describe_start` says it)."""
     clamped = data.clamped
     if not config.warm_start.active:
         return np.stack([clamped, clamped]), {}
@@ -96,6 +97,9 @@ def phase_labels(config: RunConfig, data: TrainData) -> tuple[np.ndarray, dict]:
     record = {}
     if method in warm_start.SEQUENCE_METHODS:
         clusters, record = warm_start.gaussian_hmm_labels(data.images, valid, k, seed=config.seed)
+    elif method == "mixture":
+        from hmdm_jax.run import mixture_start  # it trains with run.loop, which imports this module
+        clusters, record = mixture_start.mixture_labels(config, data)
     else:
         # with observed labels of every class, k-means starts from their class means (seeded k-means)
         clusters[valid] = warm_start.cluster_labels(data.images[valid], k, method, seed=config.seed,
@@ -107,6 +111,16 @@ def phase_labels(config: RunConfig, data: TrainData) -> tuple[np.ndarray, dict]:
         renumber = matching.best_matching(clamped[observed], clusters[observed], k, k)
         clusters[valid] = renumber[clusters[valid]]
     return np.stack([np.where(clamped >= 0, clamped, clusters), clamped]), record
+
+
+def describe_start(record: dict) -> str:
+    """One log line saying what a warm start decided and why (its record from :func:`phase_labels`)."""
+    if record.get("method") == "mixture":
+        band = record.get("t_range")
+        return (f"warm start: a frame-wise diffusion mixture, {record['steps']} steps on {record['frames']} frames "
+                f"(its start {record['start']}" + (f", band {band[0]:g}–{band[1]:g} of T" if band else "") +
+                f"), {record['seconds']:.0f} s; state usage " + " ".join(f"{u:.2f}" for u in record["usage"]))
+    return warm_start.describe(record)
 
 
 def make_batch(config: RunConfig, data: TrainData, labels: np.ndarray, step: int, clamp: Clamp | None = None) -> dict:

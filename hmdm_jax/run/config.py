@@ -19,6 +19,9 @@ __all__ = [
 ]
 
 MODEL_TYPES = ("hmdm", "mixture")
+# the warm starts: the clusterings of hmdm_jax.warm_start, and "mixture" (HMDM only): the states of a
+# frame-wise diffusion mixture trained first on the sequences' frames (hmdm_jax.run.mixture_start)
+WARM_STARTS = warm_start.METHODS + ("mixture", "none")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -93,17 +96,21 @@ class WarmStartConfig:
     Attributes:
       method: "kmeans" (seeded by the class means of observed labels when every class has some), "ward"
         (Ward's agglomerative clusters; at most ``warm_start.MAX_WARD_FRAMES`` frames), "ghmm" (HMDM only:
-        the Viterbi path of a Gaussian HMM fitted to the training sequences without labels) or "none".
+        the Viterbi path of a Gaussian HMM fitted to the training sequences without labels), "mixture"
+        (HMDM only: the states of the frame-wise diffusion mixture of the same network, trained first for
+        ``mixture_steps`` steps on the sequences' frames, :mod:`hmdm_jax.run.mixture_start`) or "none".
       steps: length of the warm start.
+      mixture_steps: the "mixture" start's training steps.
     """
 
     method: str = "kmeans"
     steps: int = 500
+    mixture_steps: int = 2000
 
     def __post_init__(self):
-        _check(self.method in warm_start.METHODS + ("none",),
-               f"warm_start.method must be one of {warm_start.METHODS + ('none',)}, got {self.method!r}")
+        _check(self.method in WARM_STARTS, f"warm_start.method must be one of {WARM_STARTS}, got {self.method!r}")
         _check(self.steps >= 0, "warm_start.steps must be >= 0")
+        _check(self.mixture_steps >= 1, "warm_start.mixture_steps must be >= 1")
 
     @property
     def active(self) -> bool:
@@ -156,8 +163,8 @@ class RestartConfig:
         _check(0.0 < self.heldout_fraction < 1.0,
                f"restarts.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(self.criterion in ("chain", "bound"), f"restarts.criterion must be 'chain' or 'bound', got {self.criterion!r}")
-        _check(all(m in warm_start.METHODS + ("none",) for m in self.methods),
-               f"restarts.methods must name warm starts in {warm_start.METHODS + ('none',)}, got {self.methods}")
+        _check(all(m in WARM_STARTS for m in self.methods),
+               f"restarts.methods must name warm starts in {WARM_STARTS}, got {self.methods}")
 
     @property
     def active(self) -> bool:
@@ -239,7 +246,7 @@ class RunConfig:
         _check(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         object.__setattr__(self, "event_shape", tuple(int(d) for d in self.event_shape))
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        _check(self.model_type == "hmdm" or self.warm_start.method not in warm_start.SEQUENCE_METHODS,
+        _check(self.model_type == "hmdm" or self.warm_start.method not in warm_start.SEQUENCE_METHODS + ("mixture",),
                f"warm_start.method={self.warm_start.method!r} needs sequences (HMDM); the mixture's frames have "
                "no chain: use kmeans or ward")
 

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hmdm_jax import checkpoint, parallel, warm_start
+from hmdm_jax import checkpoint, parallel
 from hmdm_jax.run import restarts
-from hmdm_jax.run.batches import Clamp, TrainData, check_data, make_batch, phase_labels
+from hmdm_jax.run.batches import Clamp, TrainData, check_data, describe_start, make_batch, phase_labels
 from hmdm_jax.run.config import RunConfig, WarmStartConfig
 from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks
 from hmdm_jax.run.parts import RunParts, build_parts, init_state, make_step, streams
@@ -112,6 +112,7 @@ def train(
     init_params: Any = None,
     stop_after: int | None = None,
     hooks: Sequence[Hook] | None = None,
+    log_prefix: str = "",
 ) -> TrainResult:
     """Trains ``config`` on ``data``, writing ``config.json``, ``metrics.jsonl`` and checkpoints to ``workdir``.
 
@@ -129,6 +130,7 @@ def train(
       stop_after: stop (with a checkpoint) after this many steps in this call, not counting the candidates'
         (tests and demos of resume).
       hooks: the periodic hooks (default :func:`~hmdm_jax.run.hooks.default_hooks`).
+      log_prefix: put before every printed log line (a run inside a run: the mixture warm start).
 
     Input errors (data that do not fit the config, a used workdir, nothing to resume) raise ``ValueError``
     before anything is written.
@@ -172,11 +174,11 @@ def train(
                 tqdm.write(message) if progress else print(message, flush=True)
         return log
 
-    log = logger({}, "", lambda: loop.step)
+    log = logger({}, log_prefix, lambda: loop.step)
     keys = streams(config.seed)
     ctx = RunContext(config, parts, data, heldout, labels, keys, true_A, log)
     if start_record and not resume:
-        log({"warm_start": start_record}, warm_start.describe(start_record))
+        log({"warm_start": start_record}, describe_start(start_record))
     if resume:
         log({"resumed": loop.step}, f"resuming from step {loop.step} of {config.loop.train_steps}")
 
@@ -282,7 +284,7 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         log = logger({"restart": r}, f"restart {r}: ", lambda: cand.step)
         labels, record = phase_labels(c, split.train)
         log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed},
-            warm_start.describe(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}")
+            describe_start(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}")
         cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log)
         cand, stop = run_steps(cand_ctx, cand, r_config.candidate_steps(config.loop.train_steps), lambda loop: None)
         if stop:
