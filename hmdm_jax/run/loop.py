@@ -242,7 +242,8 @@ def train(
                     return TrainResult(None, config, parts, {}, {}, True)
                 loop = chosen
                 choice = loop.decisions["restarts"]
-                log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} continues (held-out "
+                log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} "
+                    f"{'is kept' if loop.step >= config.loop.train_steps else 'continues'} (held-out "
                     f"{choice['criterion']} per frame: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(choice["scores"])) + ")")
                 ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop), force=True)
                 end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps,
