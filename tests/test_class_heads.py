@@ -221,3 +221,27 @@ def test_hmdm_train_step_with_a_multi_head_network():
     assert bool(jnp.isfinite(metrics["loss"]))
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, state.params)
     assert max(jax.tree_util.tree_leaves(moved)) > 0.0
+
+
+@pytest.mark.parametrize("name, heads, event", [
+    ("mlp-small", "embedding", (2,)), ("mlp-small", "multi_head", (2,)),
+    pytest.param("digits8-unet", "multi_head", (8, 8, 1), marks=pytest.mark.slow),  # a minute of compilation
+])
+def test_copy_class_makes_the_target_class_predict_as_the_source(name, heads, event):
+    """After ``copy_class(params, K, 1, 3)`` class 3 predicts exactly what class 1 does, and every other class
+    (and the null class) is unchanged: only the class's own row or head is copied."""
+    K = 4
+    model = models.build_model(dataclasses.replace(models.get_model_config(name), class_heads=heads), K)
+    params = models.init_params(jax.random.PRNGKey(0), model, event)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
+    copied = models.copy_class(params, K, 1, 3)
+    assert jax.tree.structure(copied) == jax.tree.structure(params)
+    eps = jax.jit(lambda p, z, t: jnp.stack([models.make_eps_fn(model)(p, z, t, jnp.full(z.shape[0], k))
+                                             for k in range(K + 1)]))
+    z = jax.random.normal(jax.random.PRNGKey(1), (3,) + event)
+    t = jnp.array([5, 50, 500])
+    before, after = eps(params, z, t), eps(copied, z, t)
+    np.testing.assert_allclose(after[3], before[1], atol=1e-5)
+    for k in (0, 1, 2, 4):
+        np.testing.assert_array_equal(after[k], before[k])
+    assert not np.allclose(before[3], before[1])

@@ -13,6 +13,7 @@ from .api import (
     TrainEpsFn,
     build_model,
     check_params_fit,
+    copy_class,
     init_params,
     make_eps_fn,
     make_train_eps_fn,
@@ -28,6 +29,6 @@ from .unet import AttentionBlock, ResBlock, UNet
 __all__ = [
     "AttentionBlock", "CLASS_HEADS", "ClassHeads", "ConditioningEmbedding", "EpsFn", "MLP", "ModelConfig",
     "PRESET_EVENT_SHAPES", "PRESET_NAMES", "ResBlock", "TrainEpsFn", "UNet", "build_model",
-    "check_params_fit", "get_model_config", "init_params", "make_eps_fn", "make_train_eps_fn",
+    "check_params_fit", "copy_class", "get_model_config", "init_params", "make_eps_fn", "make_train_eps_fn",
     "num_groups_for", "param_count", "param_shapes", "param_table", "select_class", "sinusoidal_embedding",
 ]

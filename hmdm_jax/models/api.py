@@ -29,7 +29,7 @@ from .mlp import MLP
 from .unet import UNet
 
 __all__ = [
-    "build_model", "check_params_fit", "EpsFn", "init_params", "make_eps_fn", "make_train_eps_fn",
+    "build_model", "check_params_fit", "copy_class", "EpsFn", "init_params", "make_eps_fn", "make_train_eps_fn",
     "param_count", "param_shapes", "param_table", "TrainEpsFn",
 ]
 
@@ -298,3 +298,31 @@ def param_table(num_classes: int = 10, names: Sequence[str] = PRESET_NAMES) -> s
         shape_str = "×".join(str(d) for d in shape)
         lines.append(f"| `{name}` | {cfg.kind} | {shape_str} | {layout} | {count:,} |")
     return "\n".join(lines)
+
+
+def copy_class(params: Params, num_classes: int, source: int, target: int) -> Params:
+    """``params`` with class ``target``'s own parameters replaced by class ``source``'s.
+
+    The class's own parameters are its row of the class table (``class_heads="embedding"``) or its output
+    head (``"multi_head"``: the MLP's ``out_heads`` slice, the U-Net's ``conv_out`` channels); everything
+    else is shared by all classes and unchanged. A state freed by a split starts as a copy of the state it
+    splits, as split moves in EM do, instead of from whatever a dead state had learnt.
+    """
+    def copy(a: Array, axis: int, width: int = 1) -> Array:
+        src = jax.lax.slice_in_dim(a, source * width, (source + 1) * width, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(a, src, target * width, axis=axis)
+
+    out = dict(params)
+    if "class_embed" in params.get("cond", {}):
+        out["cond"] = {**params["cond"], "class_embed": copy(params["cond"]["class_embed"], 0)}
+    elif "out_heads" in params:
+        heads = params["out_heads"]
+        out["out_heads"] = {"kernel": copy(heads["kernel"], 1), "bias": copy(heads["bias"], 0)}
+    elif "conv_out" in params:
+        conv = params["conv_out"]
+        channels = conv["bias"].shape[0] // (num_classes + 1)
+        out["conv_out"] = {"kernel": copy(conv["kernel"], conv["kernel"].ndim - 1, channels),
+                           "bias": copy(conv["bias"], 0, channels)}
+    else:
+        raise ValueError("params have neither a class table nor class heads: not an hmdm_jax ε-network")
+    return out

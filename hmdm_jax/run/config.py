@@ -123,13 +123,16 @@ class ReseedConfig:
     fewer than ``min_usage / K`` of them takes one 2-means half of the most used state's frames, clamped for
     ``steps`` steps. With no dead state and ``split_merge``, the label-free split–merge move of
     :func:`hmdm_jax.moves.split_merge_move` (a state holding two clusters split, a pair sharing one merged)
-    is clamped the same way when it gains. ``every = 0`` disables both; ``num_t`` is the decoding's t-draws."""
+    is clamped the same way when it gains. ``every = 0`` disables both; ``num_t`` is the decoding's t-draws.
+    ``copy_parent``: the state that takes a half starts from the class parameters of the state it splits
+    (:func:`hmdm_jax.models.copy_class`), not from what it had learnt while dead or merged."""
 
     every: int = 500
     min_usage: float = 0.5
     steps: int = 250
     num_t: int = 4
     split_merge: bool = False
+    copy_parent: bool = False
 
     def __post_init__(self):
         _check(self.every >= 0 and self.steps >= 0 and self.num_t >= 1, "reseed.every, steps >= 0 and num_t >= 1")

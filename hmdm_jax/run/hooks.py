@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmdm_jax import em, matching, moves, warm_start
+from hmdm_jax import em, matching, models, moves, warm_start
 from hmdm_jax.run.batches import Clamp, TrainData
 from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.evaluation import evaluate, predict_states
@@ -190,6 +190,8 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
         return _split_merge(ctx, loop, states, scores) if r.split_merge else loop
     labels, splits = revived
     loop.clamp = Clamp(loop.step + r.steps, labels)
+    if r.copy_parent:
+        loop.train_state = copy_parents(loop.train_state, config.num_classes, splits)
     usage = matching.class_usage(states[ctx.data.valid], config.num_classes)
     ctx.log({"reseed": [{"dead": d, "split": s, "usage": float(usage[d])} for d, s in splits],
              "clamped_until": loop.clamp.until},
@@ -197,6 +199,16 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
                 f"{d} (usage {usage[d]:.3f}) from a half of {s}" for d, s in splits)
             + f"; clamped until step {loop.clamp.until}")
     return loop
+
+
+def copy_parents(state: TrainState, num_classes: int, pairs: list[tuple[int, int]]) -> TrainState:
+    """``state`` with each ``(freed, parent)`` pair's freed class starting from its parent's class
+    parameters, in the trained and the EMA parameters alike."""
+    params, ema = state.params, state.ema_params
+    for freed, parent in pairs:
+        params = models.copy_class(params, num_classes, parent, freed)
+        ema = models.copy_class(ema, num_classes, parent, freed)
+    return state.replace(params=params, ema_params=ema)
 
 
 def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: np.ndarray) -> LoopState:
@@ -207,6 +219,8 @@ def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: n
         return loop
     labels, move = proposed
     loop.clamp = Clamp(loop.step + config.reseed.steps, labels)
+    if config.reseed.copy_parent:
+        loop.train_state = copy_parents(loop.train_state, config.num_classes, [(move.merge[1], move.split)])
     ctx.log({"split_merge": {"split": move.split, "merge": list(move.merge), "gain": move.gain, "loss": move.loss},
              "clamped_until": loop.clamp.until},
             f"step {loop.step}: split state {move.split} (gain {move.gain:.0f} nats) and merged state {move.merge[1]} "
