@@ -245,3 +245,21 @@ def test_copy_class_makes_the_target_class_predict_as_the_source(name, heads, ev
     for k in (0, 1, 2, 4):
         np.testing.assert_array_equal(after[k], before[k])
     assert not np.allclose(before[3], before[1])
+
+
+def test_copy_parents_copies_each_freed_class_in_the_trained_and_the_ema_parameters():
+    import optax
+
+    from hmdm_jax.run.hooks import copy_parents
+    K = 4
+    model = models.build_model(dataclasses.replace(models.get_model_config("mlp-small"), class_heads="multi_head"), K)
+    params = models.init_params(jax.random.PRNGKey(0), model, (2,))
+    state = create_train_state(jax.random.PRNGKey(1), params, optax.adam(1e-3), K)
+    state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))
+    copied = copy_parents(state, K, [(3, 0), (2, 1)])
+    for tree, new in ((state.params, copied.params), (state.ema_params, copied.ema_params)):
+        heads, out = np.asarray(tree["out_heads"]["bias"]), np.asarray(new["out_heads"]["bias"])
+        np.testing.assert_array_equal(out[3], heads[0])
+        np.testing.assert_array_equal(out[2], heads[1])
+        np.testing.assert_array_equal(out[[0, 1, 4]], heads[[0, 1, 4]])
+    np.testing.assert_array_equal(copied.ema_params["out_heads"]["kernel"][:, 3], state.ema_params["out_heads"]["kernel"][:, 0])
