@@ -88,6 +88,8 @@ def run_npz(args, name: str, seed: int, workdir: Path) -> dict:
     argv = ["--data", f"npz:{workdir / 'train.npz'}", "--preset", args.preset, "--workdir", str(workdir / "run"),
             "--seed", str(seed), "--overwrite", "--no-progress", "--no-figures", "--heldout-fraction", "0.1"]
     results = hmdm_experiment.main(argv + (["--set", *args.set] if args.set else []))
+    if results.get("stopped_early"):
+        raise KeyboardInterrupt(f"{name} seed {seed} was stopped: the table stops here, its finished cells are kept")
     decode_experiment.main(["--workdir", str(workdir / "run"), "--input", str(workdir / "heldout.npz"),
                             "--output", str(workdir / "decoded.npz"), "--no-progress"])
     tr, he = (hdata.load_sequences_npz(workdir / f) for f in ("train.npz", "heldout.npz"))
@@ -117,6 +119,8 @@ def run_one(args, name: str, seed: int) -> dict:
         argv += ["--set", *args.set]
     t0 = time.perf_counter()
     results = hmdm_experiment.main(argv)
+    if results.get("stopped_early"):
+        raise KeyboardInterrupt(f"{name} seed {seed} was stopped: the table stops here, its finished cells are kept")
     results["wall_seconds"] = time.perf_counter() - t0
     done.write_text(json.dumps(results, indent=2, default=common._default))
     return results
@@ -167,13 +171,16 @@ def main(argv=None):
     out = Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.settings:
-        for seed in args.seeds:
+    cells = [(name, seed) for name in args.settings for seed in args.seeds]
+    for name, seed in cells:
+        try:
             rows.append(row(name, seed, run_one(args, name, seed), run_mixture(args, seed)))
-            table = markdown(rows)
-            (out / "generalisation.md").write_text(f"# HMDM generalisation ({args.data}, preset {args.preset})\n\n"
-                                                   f"{table}\n")
-            (out / "generalisation.json").write_text(json.dumps(rows, indent=2))
+        except KeyboardInterrupt as stop:  # Ctrl-C/SIGTERM: the run saved its checkpoint; keep the finished cells
+            print(f"stopped: {stop}" if str(stop) else "stopped", flush=True)
+            break
+        (out / "generalisation.md").write_text(f"# HMDM generalisation ({args.data}, preset {args.preset})\n\n"
+                                               f"{markdown(rows)}\n")
+        (out / "generalisation.json").write_text(json.dumps(rows, indent=2))
     print("\n" + markdown(rows))
     return rows
 

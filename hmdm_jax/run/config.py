@@ -145,9 +145,9 @@ class RestartConfig:
     less a held-out share of ``heldout_fraction``, each for ``steps`` steps (None: the whole run,
     ``loop.train_steps``). Candidate r has its own seed (its network init, step keys and warm-start draws)
     and the warm start ``methods[r % len(methods)]`` (empty: ``warm_start.method`` for all). The candidate
-    whose ``criterion`` per frame on the held-out share is highest is kept: "bound", the HMDM's likelihood
-    bound, or "chain", the chain's share of it (what the learned π, A explain beyond the frames;
-    :class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). It continues on all the
+    whose ``criterion`` per frame on the held-out share is highest is kept: "chain", the chain's share of
+    the HMDM's likelihood bound (what the learned π, A explain beyond the frames), or "bound", the bound
+    (:class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). It continues on all the
     sequences to ``loop.train_steps`` (nothing is left to continue when ``steps`` is None: the kept model
     never saw the held-out share). ``count = 1``: no restarts."""
 
@@ -156,7 +156,7 @@ class RestartConfig:
     heldout_fraction: float = 0.1
     methods: tuple[str, ...] = ()
     num_t: int = 32
-    criterion: str = "bound"
+    criterion: str = "chain"
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))

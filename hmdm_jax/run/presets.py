@@ -20,8 +20,9 @@ __all__ = ["PRESETS", "preset"]
 
 PRESETS = ("cpu-small", "gpu", "tpu")
 # HMDM: with no dead state, the label-free split-merge move (a state holding two digits split, a pair sharing
-# one merged): the fixed point a sticky chain otherwise ends in (RESULTS.md)
-HMDM_RESEED = ReseedConfig(split_merge=True)
+# one merged): the fixed point a sticky chain otherwise ends in; the freed state starts as a copy of the one
+# it splits, else it dies again within 500 steps (RESULTS.md)
+HMDM_RESEED = ReseedConfig(split_merge=True, copy_parent=True)
 
 
 def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int, ...], **data) -> RunConfig:
@@ -48,8 +49,9 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         em_config = em_config.replace(temperature=dict(final=em_config.temperature.final * max(1.0, dim / 64)))
         loop = LoopConfig(train_steps=3000, batch_size=8 if sequences else 256)
         if sequences:
-            # the one-pass network pays for three whole runs from three different warm starts, the one of
-            # highest held-out bound kept: shorter candidates did not predict where a run ends (RESULTS.md)
+            # the one-pass network pays for three whole runs from three different warm starts, the one whose
+            # chain explains most of the held-out sequences kept: shorter candidates did not predict where a
+            # run ends, and the whole bound ranks the networks' densities more than the states (RESULTS.md)
             return RunConfig(model_type, network, em_config, event_shape, loop=loop, reseed=HMDM_RESEED,
                              restarts=_hmdm_restarts(data), data=record)
         # The mixture: Ward's clusters (O(N²) memory) as the start, the label-free band choice, and
@@ -80,7 +82,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
 
 def _hmdm_restarts(data: dict) -> RestartConfig:
     """Three whole runs from k-means, Ward's clusters (k-means again where the frames are too many for Ward)
-    and the Gaussian HMM's Viterbi path: starts that fail in different ways, so the bound has a real choice."""
+    and the Gaussian HMM's Viterbi path: starts that fail in different ways, so the choice is a real one."""
     frames = data.get("num_sequences", 0) * data.get("length", 0)
     second = "ward" if frames <= warm_start.MAX_WARD_FRAMES else "kmeans"
     return RestartConfig(count=3, methods=("kmeans", second, "ghmm"))
