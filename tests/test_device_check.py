@@ -23,7 +23,7 @@ def test_device_check_quick_runs_and_reports_its_figures(tmp_path):
     assert math.isfinite(record["steps_per_second"]) and record["steps_per_second"] > 0
     assert 0.0 <= record["heldout_accuracy"] <= 1.0 and record["peak_memory_bytes"] > 2**20
     heads = [r["class_heads"] for r in record["step_ratios"]]
-    assert heads == ["embedding", "multi_head"]  # the preset's own first, then the other
+    assert heads == ["multi_head", "embedding"]  # the preset's own (multi-head) first, then the other
     for r in record["step_ratios"]:
         assert set(r["seconds"]) == {"hmdm step", "mixture step", "plain step"}
         assert all(v > 0 for v in r["seconds"].values())

@@ -155,7 +155,7 @@ def test_whole_run_candidates_keep_the_chosen_one_as_the_result(tmp_path):
     for step the candidate trained alone on the candidates' share (nothing continues on the held-out share)."""
     data = sequences(4)
     config = with_restarts(blob_config("hmdm", 8, 4, warm_start="kmeans", warm_start_steps=4, reseed_every=0),
-                           count=2, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8)
+                           count=2, heldout_fraction=0.25, methods=("kmeans", "ward"), num_t=8, criterion="bound")
     assert config.restarts.steps is None and config.restarts.candidate_steps(8) == 8
     result = run.train(config, data, tmp_path / "whole", progress=False)
     choice = result.decisions["restarts"]
