@@ -99,7 +99,7 @@ def run_npz(args, name: str, seed: int, workdir: Path) -> dict:
     ghmm = metrics.gaussian_hmm_baseline(flat(tr), tr.mask, flat(he), he.mask, he.labels, k, seed=seed)
     return {"heldout_accuracy": run.score_states(he.labels, states, k)["accuracy"], "A_mae": None,
             "heldout_framewise_accuracy": None, "train_seconds": time.perf_counter() - t0, "eval_seconds": 0.0,
-            "train_split_heldout_accuracy": results.get("heldout_accuracy"),
+            "train_split_heldout_accuracy": results.get("heldout_accuracy"), "decisions": results.get("decisions"),
             "baselines": {"gaussian_hmm": {"accuracy": ghmm["accuracy"], "pca_dim": ghmm["pca_dim"]},
                           **{m: results["baselines"][m] for m in ("gmm", "kmeans")}}}
 
