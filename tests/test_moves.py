@@ -55,6 +55,30 @@ def test_no_move_where_only_a_pair_shares_one_cluster_though_in_sample_likelihoo
     assert moves.split_merge_move(x, states, CLUSTERS + 1) is None
 
 
+def test_a_move_whose_gain_is_noise_is_refused():
+    # State 0 holds a close pair of blobs; an equally close pair is shared by states 1 and 2. Splitting 0 and
+    # merging 1, 2 only swaps which pair is merged: its true net gain is 0, yet gain > loss by chance in
+    # about half the draws, and taken, the next check can swap it back. The paired z-test refuses all of
+    # them, and still takes the real repair far above its bar.
+    taken_without, taken_with = 0, 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        centres = np.zeros((5, 6))
+        centres[1, 0] = centres[3, 2] = 2.7  # each pair 9 σ apart
+        centres[2:4, 1], centres[4, 3], centres[0:2, 4] = 6.0, 6.0, -6.0
+        truth = np.repeat(np.arange(5), 150)
+        x = centres[truth] + 0.3 * rng.standard_normal((len(truth), 6))
+        states = np.array([0, 0, 1, 2, 3], np.int32)[truth]
+        taken_without += moves.split_merge_move(x, states, 4, seed=seed, min_z=-np.inf) is not None
+        move = moves.split_merge_move(x, states, 4, seed=seed)
+        taken_with += move is not None
+    assert taken_without >= 5 and taken_with == 0
+    rng = np.random.default_rng(0)
+    x, truth = clustered(rng)
+    repair = moves.split_merge_move(x, merged_and_shared(truth, rng), CLUSTERS)
+    assert repair is not None and repair.z > 10 * moves.MIN_Z
+
+
 def test_a_correct_assignment_gets_no_move_and_a_dead_state_is_revived():
     rng = np.random.default_rng(1)
     x, truth = clustered(rng)

@@ -11,7 +11,7 @@ import json
 import typing
 from typing import Any
 
-from hmdm_jax import em, emission, models, warm_start
+from hmdm_jax import em, emission, models, moves, warm_start
 
 __all__ = [
     "MODEL_TYPES", "BandConfig", "DiffusionConfig", "EvalConfig", "LoopConfig", "OptimConfig",
@@ -123,7 +123,11 @@ class ReseedConfig:
     fewer than ``min_usage / K`` of them takes one 2-means half of the most used state's frames, clamped for
     ``steps`` steps. With no dead state and ``split_merge``, the label-free split–merge move of
     :func:`hmdm_jax.moves.split_merge_move` (a state holding two clusters split, a pair sharing one merged)
-    is clamped the same way when it gains. ``every = 0`` disables both; ``num_t`` is the decoding's t-draws.
+    is clamped the same way when it gains by at least ``split_merge_z`` standard errors (its paired z-test
+    over the frames involved; a smaller gain is the proxy's noise). ``every = 0`` disables both; ``num_t`` is the decoding's t-draws.
+    ``check_moves`` (HMDM): a move is checked one period later by the chain's share of the bound on training
+    sequences and undone if that fell (:func:`hmdm_jax.run.hooks.check_move`); moves are then only taken
+    where such a check still fits in the run.
     ``copy_parent``: the state that takes a half starts from the class parameters of the state it splits
     (:func:`hmdm_jax.models.copy_class`), not from what it had learnt while dead or merged."""
 
@@ -132,6 +136,8 @@ class ReseedConfig:
     steps: int = 250
     num_t: int = 4
     split_merge: bool = False
+    split_merge_z: float = moves.MIN_Z
+    check_moves: bool = False
     copy_parent: bool = False
 
     def __post_init__(self):
@@ -260,6 +266,9 @@ class RunConfig:
     def check(self) -> None:
         """The checks across sections (a ``ValueError`` naming the problem), made once all ``--set`` overrides
         are in: one at a time, a valid combination may pass through invalid ones."""
+        _check(not self.reseed.check_moves or self.model_type == "hmdm",
+               "reseed.check_moves compares the HMDM's chain before and after a move: the mixture has none "
+               "(set reseed.check_moves=false)")
         if self.restarts.active:
             _check(self.model_type == "hmdm", "restarts are chosen by the HMDM's bound on held-out sequences: "
                                               "the mixture has none (set restarts.count=1)")

@@ -14,17 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmdm_jax import em, matching, models, moves, warm_start
+from hmdm_jax.run import restarts
 from hmdm_jax.run.batches import Clamp, TrainData
 from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.evaluation import evaluate, predict_states
 from hmdm_jax.run.parts import RunParts, Streams
 from hmdm_jax.state import TrainState
 
-__all__ = ["Hook", "LoopState", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
+__all__ = ["Hook", "LoopState", "PendingMove", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
            "reseed_dead_states", "revived_labels", "split_merge_labels"]
 
 
 BAND_STREAM = 0x5E1EC7  # with seed and step, seeds the host-side draw of the frames scored for the band
+MOVE_STREAM = 0x30FE  # folded into the heuristics key: the ELBO draws that score a move before and after
+MOVE_CHECK_SEQUENCES = 32  # training sequences on which a move's chain share is compared
 
 
 class RunContext(NamedTuple):
@@ -40,6 +43,15 @@ class RunContext(NamedTuple):
     log: Callable[[dict, str | None], None]  # (record for metrics.jsonl, message for the console or None)
 
 
+class PendingMove(NamedTuple):
+    """A split–merge move taken at ``step`` and not yet checked (``reseed.check_moves``): the chain's share of
+    the bound before it (nats per frame on the check sequences) and the decoded ``states`` it changed."""
+
+    step: int
+    chain: float
+    states: np.ndarray  # shaped like TrainData.labels, −1 on padding
+
+
 @dataclasses.dataclass
 class LoopState:
     """The loop's host-side state between steps.
@@ -50,6 +62,7 @@ class LoopState:
       decisions: what hooks chose that changes training, e.g. ``{"t_range": [lo, hi]}``; JSON-able.
       clamp: labels clamped by a hook until a step, or None.
       evaluation: the last periodic evaluation.
+      pending_move: a split–merge move waiting for its check at the next re-seeding step, or None.
     """
 
     step: int
@@ -57,6 +70,7 @@ class LoopState:
     decisions: dict = dataclasses.field(default_factory=dict)
     clamp: Clamp | None = None
     evaluation: dict = dataclasses.field(default_factory=dict)
+    pending_move: PendingMove | None = None
 
 
 class Hook(Protocol):
@@ -148,7 +162,7 @@ def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_us
 
 
 def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, seed: int,
-                       log_emissions: np.ndarray | None = None) -> tuple[np.ndarray, moves.SplitMerge] | None:
+                       log_emissions: np.ndarray | None = None, min_z: float = moves.MIN_Z) -> tuple[np.ndarray, moves.SplitMerge] | None:
     """Clamp labels of the best split–merge move of the decoded ``states`` (shaped like ``data.labels``), or
     None when no move gains or labels are observed (observed labels already anchor every state they name).
     With the frames' ``log_emissions`` (``[*labels.shape, K]``), the model chooses the pair to merge
@@ -162,7 +176,7 @@ def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, se
     event_ndim = data.images.ndim - states.ndim
     frames = data.images[valid].reshape((-1,) + data.images.shape[-event_ndim:])
     costs = None if log_emissions is None else moves.swap_costs(log_emissions[valid], states[valid], num_classes)
-    move = moves.split_merge_move(frames, states[valid], num_classes, seed=seed, merge_costs=costs)
+    move = moves.split_merge_move(frames, states[valid], num_classes, seed=seed, merge_costs=costs, min_z=min_z)
     if move is None:
         return None
     labels = np.full(states.shape, -1, np.int32)
@@ -174,10 +188,13 @@ def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, se
 def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
     """Every ``reseed.every`` steps after the warm start (while ``reseed.steps`` still fit in the run):
     decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps; with no dead
-    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains."""
+    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains. A move taken at the
+    previous check is first checked (:func:`check_move`); one that is undone ends this check."""
     config, r = ctx.config, ctx.config.reseed
     if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
             and loop.step + r.steps < config.loop.train_steps):
+        return loop
+    if loop.pending_move is not None and check_move(ctx, loop):
         return loop
     trained = config.with_decisions(loop.decisions)
     decoded = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
@@ -211,20 +228,66 @@ def copy_parents(state: TrainState, num_classes: int, pairs: list[tuple[int, int
     return state.replace(params=params, ema_params=ema)
 
 
+def move_score(ctx: RunContext, state: TrainState) -> float:
+    """The chain's share of the HMDM bound (:class:`restarts.Scores`, nats per frame) on the first
+    ``MOVE_CHECK_SEQUENCES`` training sequences, with the same ELBO draws at every call: the criterion that
+    ranks restarts by how well their states explain the sequences, here comparing a run before and after a move."""
+    n = min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))
+    check = TrainData(ctx.data.images[:n], ctx.data.labels[:n], ctx.data.observed[:n], ctx.data.valid[:n])
+    key = jax.random.fold_in(ctx.streams.heuristics, MOVE_STREAM)
+    return restarts.heldout_scores(ctx.config, ctx.parts, state, check, key).chain
+
+
+def check_move(ctx: RunContext, loop: LoopState) -> bool:
+    """Check the pending split–merge move one re-seeding period after it was taken: kept when the chain's
+    share of the bound (:func:`move_score`) has not fallen; otherwise undone, the states decoded before it
+    clamped for ``reseed.steps`` steps, and no further move is taken in the run (the same state would
+    propose the same move). Returns whether it was undone.
+
+    The Gaussian proxy that proposes a move knows nothing of the diffusion model: on weak chains it split a
+    digit's two styles and merged two digits the model told apart, undoing states of 0.95 (RESULTS.md)."""
+    pending, loop.pending_move = loop.pending_move, None
+    after = move_score(ctx, loop.train_state)
+    kept = bool(after >= pending.chain)
+    record = {"step": pending.step, "chain_before": pending.chain, "chain_after": after, "kept": kept}
+    scores = (f"the chain's share of the bound on {min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))} training "
+              f"sequences {pending.chain:.3f} -> {after:.3f} nats per frame")
+    if kept:
+        ctx.log({"move_check": record}, f"step {loop.step}: the split-merge move of step {pending.step} is kept ({scores})")
+        return False
+    loop.clamp = Clamp(loop.step + ctx.config.reseed.steps, pending.states)
+    loop.decisions = {**loop.decisions, "moves_undone": [*loop.decisions.get("moves_undone", []), pending.step]}
+    ctx.log({"move_check": record, "clamped_until": loop.clamp.until},
+            f"step {loop.step}: the split-merge move of step {pending.step} is undone ({scores}): the states "
+            f"before it clamped until step {loop.clamp.until}; no more split-merge moves in this run")
+    return True
+
+
 def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: np.ndarray) -> LoopState:
-    config = ctx.config
-    proposed = split_merge_labels(ctx.data, states, config.num_classes, config.seed, scores)
+    config, r = ctx.config, ctx.config.reseed
+    checked = r.check_moves and config.model_type == "hmdm"
+    if checked and loop.decisions.get("moves_undone"):
+        return loop
+    if checked and loop.step + r.every + r.steps >= config.loop.train_steps:
+        ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move: too late in the run to check one")
+        return loop
+    proposed = split_merge_labels(ctx.data, states, config.num_classes, config.seed, scores,
+                                  min_z=config.reseed.split_merge_z)
     if proposed is None:
-        ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move gains")
+        ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move gains "
+                                       f"{config.reseed.split_merge_z:g} standard errors")
         return loop
     labels, move = proposed
+    if checked:
+        loop.pending_move = PendingMove(loop.step, move_score(ctx, loop.train_state), states)
     loop.clamp = Clamp(loop.step + config.reseed.steps, labels)
     if config.reseed.copy_parent:
         loop.train_state = copy_parents(loop.train_state, config.num_classes, [(move.merge[1], move.split)])
-    ctx.log({"split_merge": {"split": move.split, "merge": list(move.merge), "gain": move.gain, "loss": move.loss},
+    ctx.log({"split_merge": {"split": move.split, "merge": list(move.merge), "gain": move.gain, "loss": move.loss,
+                             "z": move.z},
              "clamped_until": loop.clamp.until},
             f"step {loop.step}: split state {move.split} (gain {move.gain:.0f} nats) and merged state {move.merge[1]} "
-            f"into {move.merge[0]} (loss {move.loss:.0f} nats); {move.merge[1]} takes the second half of "
+            f"into {move.merge[0]} (loss {move.loss:.0f} nats; net gain {move.z:.1f} standard errors); {move.merge[1]} takes the second half of "
             f"{move.split}; clamped until step {loop.clamp.until}")
     return loop
 
