@@ -13,9 +13,9 @@ Gaussian in a PCA space of the frames (its maximum-likelihood fit, with a small 
 loss of merging ``(i, j)`` is the log-likelihood of the two states minus that of their union. The move is
 taken when the best gain is positive and exceeds the smallest loss, by a margin the frames make
 significant: the net gain is a sum of per-frame differences in log-density, and it must be ``min_z``
-standard errors above zero (a paired z-test over the frames of the three states involved). A gain of
-10 nats beside a loss of 800 (RESULTS.md, stop 26) is noise of the proxy, and such a move undid a good
-state. Each state's likelihood includes the
+standard errors above zero (a paired z-test over the frames of the three states involved). A small gain
+beside a large loss is noise of the proxy, and such moves undid good states (RESULTS.md, stops 26–27).
+Each state's likelihood includes the
 complete-data term n_k log(n_k / N) of its weight, without which splitting even one round cluster in
 two would gain (its halves would each be scored as if they held all its frames). A dead state (no
 frames) merges at no loss, so the move also revives dead states.

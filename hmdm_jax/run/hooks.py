@@ -245,7 +245,7 @@ def check_move(ctx: RunContext, loop: LoopState) -> bool:
     propose the same move). Returns whether it was undone.
 
     The Gaussian proxy that proposes a move knows nothing of the diffusion model: on weak chains it split a
-    digit's two styles and merged two digits the model told apart, undoing states of 0.95 (RESULTS.md)."""
+    digit's two styles and merged two digits the model told apart, undoing good states (RESULTS.md, stop 27)."""
     pending, loop.pending_move = loop.pending_move, None
     after = move_score(ctx, loop.train_state)
     kept = bool(after >= pending.chain)
