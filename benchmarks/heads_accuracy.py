@@ -23,16 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmdm_jax import emission, mixture, run
-from hmdm_jax.data.images import load_digits, split_indices
+from hmdm_jax.data import load_source
+from hmdm_jax.data.images import split_indices
 
 HEADS = ("embedding", "multi_head")
 
 
-def train(class_heads: str, images: np.ndarray, labels: np.ndarray, steps: int, batch: int, seed: int):
+def train(class_heads: str, images: np.ndarray, labels: np.ndarray, steps: int, batch: int, seed: int,
+          mlp_width: int | None = None):
     """(config, parts, state, seconds, final loss) after ``steps`` supervised steps."""
     config = run.preset("cpu-small", "hmdm", 10, images.shape[1:])
-    config = dataclasses.replace(config, network=dataclasses.replace(config.network, class_heads=class_heads),
-                                 seed=seed)
+    network = dataclasses.replace(config.network, class_heads=class_heads)
+    if mlp_width is not None:
+        # the input skip follows the width as the preset sets it: on when the frame is wider than the MLP
+        network = dataclasses.replace(network, mlp_width=mlp_width,
+                                      mlp_input_skip=int(np.prod(images.shape[1:])) > mlp_width)
+    config = dataclasses.replace(config, network=network, seed=seed)
     parts = run.build_parts(config)
     state = run.init_state(config, parts)
     step = jax.jit(mixture.make_supervised_step(parts.eps_fn, parts.schedule, parts.optimizer, num_classes=10,
@@ -50,12 +56,15 @@ def train(class_heads: str, images: np.ndarray, labels: np.ndarray, steps: int, 
     return config, parts, state, time.perf_counter() - start, float(np.mean(jax.device_get(losses[-100:])))
 
 
-def accuracy(parts, params, images, labels, num_t: int, seed: int) -> float:
+def accuracy(parts, params, images, labels, num_t: int, seed: int, chunk: int = 500) -> float:
     """Held-out accuracy of argmax_k log b̃_k(y) (``eps_mse``, default band, ``num_t`` draws)."""
     score = jax.jit(lambda p, y, key: emission.log_emission(parts.eps_fn, p, parts.schedule, y, key, 10,
                                                             estimator="eps_mse", num_t=num_t))
-    log_b = score(params, jnp.asarray(images), jax.random.key(1000 + seed))
-    return float(np.mean(np.asarray(jnp.argmax(log_b, axis=-1)) == labels))
+    key = jax.random.key(1000 + seed)
+    # in chunks: a 28×28 set's [K, num_t, N, D] noise predictions would not fit at once
+    log_b = np.concatenate([np.asarray(score(params, jnp.asarray(images[i:i + chunk]), jax.random.fold_in(key, i)))
+                            for i in range(0, len(images), chunk)])
+    return float(np.mean(np.argmax(log_b, axis=-1) == labels))
 
 
 def main():
@@ -64,20 +73,25 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 (split, init, batches, keys)")
     parser.add_argument("--num-t", default="1,4,16", help="comma-separated t-draws per held-out digit")
+    parser.add_argument("--data", default="digits", help="SOURCE: digits | idx:DIR | npz:PATH (as experiments/)")
+    parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated class-head forms")
+    parser.add_argument("--mlp-width", type=int, default=None, help="override the preset's MLP width")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, num_t 1")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.num_t = 20, "1"
     draws = [int(n) for n in args.num_t.split(",")]
-    data = load_digits()
+    data = load_source(args.data)
+    print(f"{data.name}, network width {args.mlp_width or 'of the preset'}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {args.steps} steps of "
           f"{args.batch}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     rows = []
     for seed in range(args.seeds):
         train_index, test_index = split_indices(data.labels, 0.3, seed)
-        for heads in HEADS:
+        for heads in args.heads.split(","):
             config, parts, state, seconds, loss = train(
-                heads, data.images[train_index], data.labels[train_index], args.steps, args.batch, seed)
+                heads, data.images[train_index], data.labels[train_index], args.steps, args.batch, seed,
+                args.mlp_width)
             accs = [accuracy(parts, state.ema_params, data.images[test_index], data.labels[test_index], n, seed)
                     for n in draws]
             rows.append(f"| {heads} | {seed} | {len(train_index)} / {len(test_index)} | {loss:.4f} | "

@@ -41,14 +41,19 @@ class RunContext(NamedTuple):
     streams: Streams
     true_A: np.ndarray | None
     log: Callable[[dict, str | None], None]  # (record for metrics.jsonl, message for the console or None)
+    # (ctx, state, end step, clamp, decisions) -> a copy of state trained to the end step on the loop's batches,
+    # without the hooks: the run without a move, against which the move is checked
+    advance: Callable[["RunContext", TrainState, int, Clamp | None, dict], TrainState]
 
 
 class PendingMove(NamedTuple):
     """A split–merge move taken at ``step`` and not yet checked (``reseed.check_moves``): the chain's share of
-    the bound before it (nats per frame on the check sequences) and the decoded ``states`` it changed."""
+    the bound (nats per frame on the check sequences) that the run reaches without the move at ``check_step``,
+    and the decoded ``states`` the move changed."""
 
     step: int
-    chain: float
+    check_step: int
+    chain_without: float
     states: np.ndarray  # shaped like TrainData.labels, −1 on padding
 
 
@@ -240,18 +245,23 @@ def move_score(ctx: RunContext, state: TrainState) -> float:
 
 def check_move(ctx: RunContext, loop: LoopState) -> bool:
     """Check the pending split–merge move one re-seeding period after it was taken: kept when the chain's
-    share of the bound (:func:`move_score`) has not fallen; otherwise undone, the states decoded before it
+    share of the bound (:func:`move_score`) is at least what the same steps on the same batches reached
+    without the move (:attr:`PendingMove.chain_without`); otherwise undone, the states decoded before it
     clamped for ``reseed.steps`` steps, and no further move is taken in the run (the same state would
     propose the same move). Returns whether it was undone.
 
     The Gaussian proxy that proposes a move knows nothing of the diffusion model: on weak chains it split a
-    digit's two styles and merged two digits the model told apart, undoing good states (RESULTS.md, stop 27)."""
+    digit's two styles and merged two digits the model told apart, undoing good states (RESULTS.md, stop 27).
+    The comparison is at one step: against the score before the move, every move gained the period's training
+    and bad ones were kept (RESULTS.md, stop 28)."""
     pending, loop.pending_move = loop.pending_move, None
-    after = move_score(ctx, loop.train_state)
-    kept = bool(after >= pending.chain)
-    record = {"step": pending.step, "chain_before": pending.chain, "chain_after": after, "kept": kept}
+    with_move = move_score(ctx, loop.train_state)
+    kept = bool(with_move >= pending.chain_without)
+    record = {"step": pending.step, "check_step": pending.check_step, "chain_without": pending.chain_without,
+              "chain_with": with_move, "kept": kept}
     scores = (f"the chain's share of the bound on {min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))} training "
-              f"sequences {pending.chain:.3f} -> {after:.3f} nats per frame")
+              f"sequences at step {pending.check_step}: {pending.chain_without:.3f} without the move, "
+              f"{with_move:.3f} with it, nats per frame")
     if kept:
         ctx.log({"move_check": record}, f"step {loop.step}: the split-merge move of step {pending.step} is kept ({scores})")
         return False
@@ -279,7 +289,10 @@ def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: n
         return loop
     labels, move = proposed
     if checked:
-        loop.pending_move = PendingMove(loop.step, move_score(ctx, loop.train_state), states)
+        # the run without the move, on the same batches up to the step of the check
+        check_step = loop.step + r.every
+        without = ctx.advance(ctx, loop.train_state, check_step, loop.clamp, loop.decisions)
+        loop.pending_move = PendingMove(loop.step, check_step, move_score(ctx, without), states)
     loop.clamp = Clamp(loop.step + config.reseed.steps, labels)
     if config.reseed.copy_parent:
         loop.train_state = copy_parents(loop.train_state, config.num_classes, [(move.merge[1], move.split)])

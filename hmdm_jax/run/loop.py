@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -93,7 +94,8 @@ def _metadata(loop: LoopState) -> dict:
         out["clamp"] = {"until": loop.clamp.until, "labels": loop.clamp.labels.reshape(-1).tolist()}
     if loop.pending_move is not None:
         move = loop.pending_move
-        out["pending_move"] = {"step": move.step, "chain": move.chain, "states": move.states.reshape(-1).tolist()}
+        out["pending_move"] = {"step": move.step, "check_step": move.check_step, "chain_without": move.chain_without,
+                               "states": move.states.reshape(-1).tolist()}
     return out
 
 
@@ -104,7 +106,7 @@ def _restored_clamp(metadata: dict, shape) -> Clamp | None:
 
 def _restored_move(metadata: dict, shape) -> PendingMove | None:
     m = metadata.get("pending_move")
-    return None if m is None else PendingMove(int(m["step"]), float(m["chain"]),
+    return None if m is None else PendingMove(int(m["step"]), int(m["check_step"]), float(m["chain_without"]),
                                               np.asarray(m["states"], np.int32).reshape(shape))
 
 
@@ -186,7 +188,6 @@ def train(
 
     log = logger({}, log_prefix, lambda: loop.step)
     keys = streams(config.seed)
-    ctx = RunContext(config, parts, data, heldout, labels, keys, true_A, log)
     if start_record and not resume:
         log({"warm_start": start_record}, describe_start(start_record))
     if resume:
@@ -201,25 +202,41 @@ def train(
             step_fns[key] = make_step(em_config, parts, mesh, fused=n)
         return step_fns[key]
 
+    fused = config.loop.steps_per_call
+
+    def train_block(ctx: RunContext, state: TrainState, step: int, n: int, clamp: Clamp | None, decisions: dict):
+        """``n`` steps from ``step`` in one call (``n > 1``: fused): the new state (``state`` is donated) and
+        the last step's metrics."""
+        if n > 1:
+            batches = [make_batch(ctx.config, ctx.data, ctx.phase_labels, step + i, clamp) for i in range(n)]
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+            state, metrics = step_fn(decisions, n)(state, place(stacked))
+            return state, jax.tree.map(lambda m: m[-1], metrics)
+        return step_fn(decisions, 1)(state, place(make_batch(ctx.config, ctx.data, ctx.phase_labels, step, clamp)))
+
+    def advance(ctx: RunContext, state: TrainState, end: int, clamp: Clamp | None, decisions: dict) -> TrainState:
+        """A copy of ``state`` trained to step ``end`` on the batches the loop makes, without the hooks: the
+        counterfactual against which a move is checked."""
+        state = jax.tree.map(jnp.copy, state)  # the jitted step donates its input: train a real copy
+        step = int(state.step)
+        while step < end:
+            n = fused if end - step >= fused else 1
+            state, _ = train_block(ctx, state, step, n, clamp, decisions)
+            step += n
+        return state
+
+    ctx = RunContext(config, parts, data, heldout, labels, keys, true_A, log, advance)
+
     def run_steps(ctx: RunContext, loop: LoopState, end: int, after_step: Callable[[LoopState], None]
                   ) -> tuple[LoopState, bool]:
         """Steps ``loop`` to ``end`` under ``ctx``, with the hooks: the loop state, and whether a stop was requested."""
-        fused = config.loop.steps_per_call
         frames_per_step = config.loop.batch_size * (1 if data.mask is None else data.images.shape[1])
         bar = tqdm(total=end - loop.step, disable=not progress, desc=config.model_type, unit="step")
         t_last, step_last = time.perf_counter(), loop.step
         try:
             while loop.step < end:
                 n = fused if end - loop.step >= fused else 1
-                c = ctx.config
-                if n > 1:
-                    batches = [make_batch(c, ctx.data, ctx.phase_labels, loop.step + i, loop.clamp) for i in range(n)]
-                    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-                    loop.train_state, metrics = step_fn(loop.decisions, n)(loop.train_state, place(stacked))
-                    metrics = jax.tree.map(lambda m: m[-1], metrics)
-                else:
-                    batch = make_batch(c, ctx.data, ctx.phase_labels, loop.step, loop.clamp)
-                    loop.train_state, metrics = step_fn(loop.decisions, 1)(loop.train_state, place(batch))
+                loop.train_state, metrics = train_block(ctx, loop.train_state, loop.step, n, loop.clamp, loop.decisions)
                 prev = loop.step
                 loop.step += n
                 bar.update(n)
@@ -296,7 +313,7 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         labels, record = phase_labels(c, split.train)
         log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed},
             describe_start(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}")
-        cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log)
+        cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log, ctx.advance)
         cand, stop = run_steps(cand_ctx, cand, r_config.candidate_steps(config.loop.train_steps), lambda loop: None)
         if stop:
             return None
