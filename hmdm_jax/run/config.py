@@ -126,8 +126,8 @@ class ReseedConfig:
     is clamped the same way when it gains by at least ``split_merge_z`` standard errors (its paired z-test
     over the frames involved; a smaller gain is the proxy's noise). ``every = 0`` disables both; ``num_t`` is the decoding's t-draws.
     ``check_moves`` (HMDM): a move is checked one period later by the chain's share of the bound on training
-    sequences and undone if that fell (:func:`hmdm_jax.run.hooks.check_move`); moves are then only taken
-    where such a check still fits in the run.
+    sequences against a copy of the run trained without it over the same steps, and undone if lower
+    (:func:`hmdm_jax.run.hooks.check_move`); moves are then only taken where such a check still fits in the run.
     ``copy_parent``: the state that takes a half starts from the class parameters of the state it splits
     (:func:`hmdm_jax.models.copy_class`), not from what it had learnt while dead or merged."""
 
@@ -267,7 +267,7 @@ class RunConfig:
         """The checks across sections (a ``ValueError`` naming the problem), made once all ``--set`` overrides
         are in: one at a time, a valid combination may pass through invalid ones."""
         _check(not self.reseed.check_moves or self.model_type == "hmdm",
-               "reseed.check_moves compares the HMDM's chain before and after a move: the mixture has none "
+               "reseed.check_moves compares the HMDM's chain with and without a move: the mixture has none "
                "(set reseed.check_moves=false)")
         if self.restarts.active:
             _check(self.model_type == "hmdm", "restarts are chosen by the HMDM's bound on held-out sequences: "
