@@ -125,9 +125,10 @@ class ReseedConfig:
     :func:`hmdm_jax.moves.split_merge_move` (a state holding two clusters split, a pair sharing one merged)
     is clamped the same way when it gains by at least ``split_merge_z`` standard errors (its paired z-test
     over the frames involved; a smaller gain is the proxy's noise). ``every = 0`` disables both; ``num_t`` is the decoding's t-draws.
-    ``check_moves`` (HMDM): a move is checked one period later by the chain's share of the bound on training
-    sequences against a copy of the run trained without it over the same steps, and undone if lower
-    (:func:`hmdm_jax.run.hooks.check_move`); moves are then only taken where such a check still fits in the run.
+    ``check_moves`` (HMDM): a move is first tried: two copies of the run train one period on the same
+    batches, with and without it, and the move is taken only if the chain's share of the bound on training
+    sequences is at least as high with it (:func:`hmdm_jax.run.hooks.try_move`); after a move loses, none is
+    tried again, and none where the trial would not fit in the run.
     ``copy_parent``: the state that takes a half starts from the class parameters of the state it splits
     (:func:`hmdm_jax.models.copy_class`), not from what it had learnt while dead or merged."""
 

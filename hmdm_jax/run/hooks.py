@@ -21,7 +21,7 @@ from hmdm_jax.run.evaluation import evaluate, predict_states
 from hmdm_jax.run.parts import RunParts, Streams
 from hmdm_jax.state import TrainState
 
-__all__ = ["Hook", "LoopState", "PendingMove", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
+__all__ = ["Hook", "LoopState", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
            "reseed_dead_states", "revived_labels", "split_merge_labels"]
 
 
@@ -42,19 +42,8 @@ class RunContext(NamedTuple):
     true_A: np.ndarray | None
     log: Callable[[dict, str | None], None]  # (record for metrics.jsonl, message for the console or None)
     # (ctx, state, end step, clamp, decisions) -> a copy of state trained to the end step on the loop's batches,
-    # without the hooks: the run without a move, against which the move is checked
+    # without the hooks: how a split–merge move is tried before it is taken
     advance: Callable[["RunContext", TrainState, int, Clamp | None, dict], TrainState]
-
-
-class PendingMove(NamedTuple):
-    """A split–merge move taken at ``step`` and not yet checked (``reseed.check_moves``): the chain's share of
-    the bound (nats per frame on the check sequences) that the run reaches without the move at ``check_step``,
-    and the decoded ``states`` the move changed."""
-
-    step: int
-    check_step: int
-    chain_without: float
-    states: np.ndarray  # shaped like TrainData.labels, −1 on padding
 
 
 @dataclasses.dataclass
@@ -67,7 +56,6 @@ class LoopState:
       decisions: what hooks chose that changes training, e.g. ``{"t_range": [lo, hi]}``; JSON-able.
       clamp: labels clamped by a hook until a step, or None.
       evaluation: the last periodic evaluation.
-      pending_move: a split–merge move waiting for its check at the next re-seeding step, or None.
     """
 
     step: int
@@ -75,7 +63,6 @@ class LoopState:
     decisions: dict = dataclasses.field(default_factory=dict)
     clamp: Clamp | None = None
     evaluation: dict = dataclasses.field(default_factory=dict)
-    pending_move: PendingMove | None = None
 
 
 class Hook(Protocol):
@@ -193,13 +180,11 @@ def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, se
 def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
     """Every ``reseed.every`` steps after the warm start (while ``reseed.steps`` still fit in the run):
     decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps; with no dead
-    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains. A move taken at the
-    previous check is first checked (:func:`check_move`); one that is undone ends this check."""
+    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains (and, with
+    ``reseed.check_moves``, wins its trial: :func:`try_move`)."""
     config, r = ctx.config, ctx.config.reseed
     if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
             and loop.step + r.steps < config.loop.train_steps):
-        return loop
-    if loop.pending_move is not None and check_move(ctx, loop):
         return loop
     trained = config.with_decisions(loop.decisions)
     decoded = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
@@ -243,43 +228,41 @@ def move_score(ctx: RunContext, state: TrainState) -> float:
     return restarts.heldout_scores(ctx.config, ctx.parts, state, check, key).chain
 
 
-def check_move(ctx: RunContext, loop: LoopState) -> bool:
-    """Check the pending split–merge move one re-seeding period after it was taken: kept when the chain's
-    share of the bound (:func:`move_score`) is at least what the same steps on the same batches reached
-    without the move (:attr:`PendingMove.chain_without`); otherwise undone, the states decoded before it
-    clamped for ``reseed.steps`` steps, and no further move is taken in the run (the same state would
-    propose the same move). Returns whether it was undone.
+def try_move(ctx: RunContext, loop: LoopState, labels: np.ndarray, move: moves.SplitMerge) -> dict:
+    """Trial of a split–merge move before it is taken: two copies of the run train for one re-seeding period on
+    the same batches, one with the move (its clamp and, with ``reseed.copy_parent``, the parent's class
+    parameters) and one without. Returns the record of their chain shares of the bound (:func:`move_score`)
+    at the period's end and whether the move wins (``"taken"``: its share is at least the other's).
 
     The Gaussian proxy that proposes a move knows nothing of the diffusion model: on weak chains it split a
-    digit's two styles and merged two digits the model told apart, undoing good states (RESULTS.md, stop 27).
-    The comparison is at one step: against the score before the move, every move gained the period's training
-    and bad ones were kept (RESULTS.md, stop 28)."""
-    pending, loop.pending_move = loop.pending_move, None
-    with_move = move_score(ctx, loop.train_state)
-    kept = bool(with_move >= pending.chain_without)
-    record = {"step": pending.step, "check_step": pending.check_step, "chain_without": pending.chain_without,
-              "chain_with": with_move, "kept": kept}
-    scores = (f"the chain's share of the bound on {min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))} training "
-              f"sequences at step {pending.check_step}: {pending.chain_without:.3f} without the move, "
-              f"{with_move:.3f} with it, nats per frame")
-    if kept:
-        ctx.log({"move_check": record}, f"step {loop.step}: the split-merge move of step {pending.step} is kept ({scores})")
-        return False
-    loop.clamp = Clamp(loop.step + ctx.config.reseed.steps, pending.states)
-    loop.decisions = {**loop.decisions, "moves_undone": [*loop.decisions.get("moves_undone", []), pending.step]}
-    ctx.log({"move_check": record, "clamped_until": loop.clamp.until},
-            f"step {loop.step}: the split-merge move of step {pending.step} is undone ({scores}): the states "
-            f"before it clamped until step {loop.clamp.until}; no more split-merge moves in this run")
-    return True
+    digit's two styles and merged two digits the model told apart (RESULTS.md, stop 27). The trial compares
+    the two runs at one step: checked against the score before the move instead, every move gained the
+    period's training and bad ones were kept (RESULTS.md, stop 28). A move that loses is not taken, so the
+    run goes on exactly as it would have without it."""
+    r = ctx.config.reseed
+    end = loop.step + r.every
+    without = ctx.advance(ctx, loop.train_state, end, loop.clamp, loop.decisions)
+    with_move = ctx.advance(ctx, _moved_state(ctx, loop.train_state, move), end, Clamp(loop.step + r.steps, labels),
+                            loop.decisions)
+    chain_without, chain_with = move_score(ctx, without), move_score(ctx, with_move)
+    return {"step": end, "chain_without": chain_without, "chain_with": chain_with,
+            "taken": bool(chain_with >= chain_without)}
+
+
+def _moved_state(ctx: RunContext, state: TrainState, move: moves.SplitMerge) -> TrainState:
+    """``state`` as the move leaves it: with ``reseed.copy_parent``, the freed state starts from the split one."""
+    if not ctx.config.reseed.copy_parent:
+        return state
+    return copy_parents(state, ctx.config.num_classes, [(move.merge[1], move.split)])
 
 
 def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: np.ndarray) -> LoopState:
     config, r = ctx.config, ctx.config.reseed
     checked = r.check_moves and config.model_type == "hmdm"
-    if checked and loop.decisions.get("moves_undone"):
-        return loop
-    if checked and loop.step + r.every + r.steps >= config.loop.train_steps:
-        ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move: too late in the run to check one")
+    if checked and loop.decisions.get("moves_rejected"):
+        return loop  # the same states would propose the same move
+    if checked and loop.step + r.every > config.loop.train_steps:
+        ctx.log({"split_merge": None}, f"step {loop.step}: no split-merge move: too late in the run to try one")
         return loop
     proposed = split_merge_labels(ctx.data, states, config.num_classes, config.seed, scores,
                                   min_z=config.reseed.split_merge_z)
@@ -288,20 +271,24 @@ def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: n
                                        f"{config.reseed.split_merge_z:g} standard errors")
         return loop
     labels, move = proposed
+    record = {"split": move.split, "merge": list(move.merge), "gain": move.gain, "loss": move.loss, "z": move.z}
+    message = (f"step {loop.step}: split state {move.split} (gain {move.gain:.0f} nats) and merge state "
+               f"{move.merge[1]} into {move.merge[0]} (loss {move.loss:.0f} nats; net gain {move.z:.1f} standard "
+               f"errors), {move.merge[1]} taking the second half of {move.split}")
     if checked:
-        # the run without the move, on the same batches up to the step of the check
-        check_step = loop.step + r.every
-        without = ctx.advance(ctx, loop.train_state, check_step, loop.clamp, loop.decisions)
-        loop.pending_move = PendingMove(loop.step, check_step, move_score(ctx, without), states)
-    loop.clamp = Clamp(loop.step + config.reseed.steps, labels)
-    if config.reseed.copy_parent:
-        loop.train_state = copy_parents(loop.train_state, config.num_classes, [(move.merge[1], move.split)])
-    ctx.log({"split_merge": {"split": move.split, "merge": list(move.merge), "gain": move.gain, "loss": move.loss,
-                             "z": move.z},
-             "clamped_until": loop.clamp.until},
-            f"step {loop.step}: split state {move.split} (gain {move.gain:.0f} nats) and merged state {move.merge[1]} "
-            f"into {move.merge[0]} (loss {move.loss:.0f} nats; net gain {move.z:.1f} standard errors); {move.merge[1]} takes the second half of "
-            f"{move.split}; clamped until step {loop.clamp.until}")
+        trial = try_move(ctx, loop, labels, move)
+        record["trial"] = trial
+        message += (f"; tried for {r.every} steps, the chain's share of the bound on "
+                    f"{min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))} training sequences at step {trial['step']}: "
+                    f"{trial['chain_with']:.3f} with the move, {trial['chain_without']:.3f} without, nats per frame")
+        if not trial["taken"]:
+            loop.decisions = {**loop.decisions, "moves_rejected": [*loop.decisions.get("moves_rejected", []), loop.step]}
+            ctx.log({"split_merge": record}, message + ": not taken; no more split-merge moves in this run")
+            return loop
+    loop.clamp = Clamp(loop.step + r.steps, labels)
+    loop.train_state = _moved_state(ctx, loop.train_state, move)
+    ctx.log({"split_merge": record, "clamped_until": loop.clamp.until},
+            message + f": taken, clamped until step {loop.clamp.until}")
     return loop
 
 

@@ -22,7 +22,7 @@ from hmdm_jax import checkpoint, parallel
 from hmdm_jax.run import restarts
 from hmdm_jax.run.batches import Clamp, TrainData, check_data, describe_start, make_batch, phase_labels
 from hmdm_jax.run.config import RunConfig, WarmStartConfig
-from hmdm_jax.run.hooks import Hook, LoopState, PendingMove, RunContext, crossed, default_hooks
+from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks
 from hmdm_jax.run.parts import RunParts, build_parts, init_state, make_step, streams
 from hmdm_jax.state import TrainState
 
@@ -92,22 +92,12 @@ def _metadata(loop: LoopState) -> dict:
         out["matching"] = loop.evaluation["matching"]
     if loop.clamp is not None and loop.clamp.until > loop.step:
         out["clamp"] = {"until": loop.clamp.until, "labels": loop.clamp.labels.reshape(-1).tolist()}
-    if loop.pending_move is not None:
-        move = loop.pending_move
-        out["pending_move"] = {"step": move.step, "check_step": move.check_step, "chain_without": move.chain_without,
-                               "states": move.states.reshape(-1).tolist()}
     return out
 
 
 def _restored_clamp(metadata: dict, shape) -> Clamp | None:
     c = metadata.get("clamp")
     return None if c is None else Clamp(int(c["until"]), np.asarray(c["labels"], np.int32).reshape(shape))
-
-
-def _restored_move(metadata: dict, shape) -> PendingMove | None:
-    m = metadata.get("pending_move")
-    return None if m is None else PendingMove(int(m["step"]), int(m["check_step"]), float(m["chain_without"]),
-                                              np.asarray(m["states"], np.int32).reshape(shape))
 
 
 def train(
@@ -170,8 +160,7 @@ def train(
     if resume:
         state, metadata = ckpt.restore(init_state(config, parts, init_params))
         loop = LoopState(int(state.step), state, dict(metadata.get("decisions", {})),
-                         _restored_clamp(metadata, data.labels.shape),
-                         pending_move=_restored_move(metadata, data.labels.shape))
+                         _restored_clamp(metadata, data.labels.shape))
     else:
         loop = LoopState(0, init_state(config, parts, init_params) if own_start else None)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -332,6 +321,5 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
               "scores": [getattr(s, r_config.criterion) for s in scores],
               "bounds": [s.bound for s in scores], "chain": [s.chain for s in scores],
               "warm_start": restarts.candidate_config(config, r).warm_start.method}
-    # a move a shorter candidate left pending is kept unchecked: its score was taken on the candidate's sequences
     return LoopState(cand.step, cand.train_state, {**cand.decisions, "restarts": choice},
                      restarts.widen_clamp(cand.clamp, split.train_index, data.labels.shape), cand.evaluation)

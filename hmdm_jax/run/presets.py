@@ -22,7 +22,7 @@ PRESETS = ("cpu-small", "gpu", "tpu")
 # HMDM: with no dead state, the label-free split-merge move (a state holding two digits split, a pair sharing
 # one merged): the fixed point a sticky chain otherwise ends in; the freed state starts as a copy of the one
 # it splits, else it dies again within 500 steps; the Gaussian proxy behind a move does not know the diffusion
-# model, so each move is checked by the chain's share of the bound a period later and undone if that fell
+# model, so each move is first tried for a period against the run without it, by the chain's share of the bound
 HMDM_RESEED = ReseedConfig(split_merge=True, copy_parent=True, check_moves=True)
 
 
