@@ -156,7 +156,7 @@ def test_fused_steps_equal_single_steps(tmp_path):
     assert not np.allclose(np.asarray(jax.tree.leaves(init.params)[0]), np.asarray(jax.tree.leaves(b.params)[0]))
 
 
-def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path):
+def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path, monkeypatch):
     """band.choose: the band chosen at the end of the k-means warm start is the argmax of the agreement
     written to metrics.jsonl, is the checkpoint's one decision (its metadata), and a resumed run keeps it."""
     rng = np.random.default_rng(6)
@@ -177,6 +177,19 @@ def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path):
     run.train(config, data, tmp_path / "split", progress=False, stop_after=6)
     resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)
     assert resumed.config.em.scoring.t_range == whole.config.em.scoring.t_range
+
+    # the re-seed check at the end of the warm start decodes with the band chosen there
+    decoded_with = []
+    real = hooks.predict_states
+
+    def recording(config, *args, **kwargs):
+        decoded_with.append(config.em.scoring.t_range)
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(hooks, "predict_states", recording)
+    run.train(config.replace(reseed=dataclasses.replace(config.reseed, every=4, steps=2)), data, tmp_path / "reseed",
+              progress=False)
+    assert decoded_with[0] == whole.config.em.scoring.t_range != config.em.scoring.t_range
     for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -293,5 +293,7 @@ def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: n
 
 
 def default_hooks(config: RunConfig) -> tuple[Hook, ...]:
-    """The hooks a run uses, in the order they run after a step."""
-    return (periodic_evaluation, reseed_dead_states, choose_band)
+    """The hooks a run uses, in the order they run after a step. The band is chosen before the re-seed check
+    of the same step decodes with it: decoded with the default band, a 28×28 mixture put every image in one
+    state at the end of its warm start, and the re-seeding then split that state over all the others."""
+    return (periodic_evaluation, choose_band, reseed_dead_states)
