@@ -487,3 +487,4 @@ def test_input_skip_lets_a_narrow_mlp_pass_the_noise_through():
     mnist = run.preset("cpu-small", "hmdm", 10, (28, 28, 1))
     assert not digits.network.mlp_input_skip and digits.em.temperature.final == pytest.approx(0.15)
     assert mnist.network.mlp_input_skip and mnist.em.temperature.final == pytest.approx(0.15 * 784 / 64)
+    assert digits.network.mlp_width == 256 and mnist.network.mlp_width == 512
