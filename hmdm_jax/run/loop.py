@@ -204,8 +204,8 @@ def train(
         return step_fn(decisions, 1)(state, place(make_batch(ctx.config, ctx.data, ctx.phase_labels, step, clamp)))
 
     def advance(ctx: RunContext, state: TrainState, end: int, clamp: Clamp | None, decisions: dict) -> TrainState:
-        """A copy of ``state`` trained to step ``end`` on the batches the loop makes, without the hooks: the
-        counterfactual against which a move is checked."""
+        """A copy of ``state`` trained to step ``end`` on the batches the loop makes, without the hooks: how
+        a split–merge move is tried (:func:`~hmdm_jax.run.hooks.try_move`)."""
         state = jax.tree.map(jnp.copy, state)  # the jitted step donates its input: train a real copy
         step = int(state.step)
         while step < end:

@@ -45,8 +45,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         # sharp that all frames collapse into one or two states.
         dim = int(np.prod(event_shape))
         # One network pass scores all K classes (class_heads="multi_head"), instead of K passes. Frames of
-        # more than 256 values get width 512: at 28×28 it classifies twice as well after its warm start as 256
-        # (the band choice's agreement), and 1024 costs 4.7× for no gain (RESULTS.md, stop 29).
+        # more than 256 values get width 512: at 28×28 width 256 collapsed after its warm start, and 1024
+        # cost more for no gain (RESULTS.md, stop 29).
         width = 256 if dim <= 256 else 512
         network = dataclasses.replace(models.get_model_config("mlp"), mlp_width=width, mlp_depth=3,
                                       mlp_input_skip=dim > width, class_heads="multi_head")
