@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmdm_jax import checkpoint, run
+from hmdm_jax import checkpoint, run, warm_start
 from hmdm_jax.run import parts as rp
 from hmdm_jax.run import restarts
 from hmdm_jax.run.batches import Clamp, TrainData
-from tests.blobs import K, STICKY_A, blob_config, blobs, markov_labels
+from tests.blobs import K, STICKY_A, blob_config, blobs, markov_labels, with_em
 
 
 def sequences(seed, num_sequences=24, length=10):
@@ -50,6 +50,12 @@ def test_candidates_have_their_own_seed_and_warm_start_and_no_restarts():
     assert all(not c.restarts.active and c.loop == config.loop for c in cands)
     no_methods = restarts.candidate_config(with_restarts(config, methods=()), 1)
     assert no_methods.warm_start == config.warm_start
+    held = with_restarts(config, methods=("kmeans", "ward:held"))
+    assert [restarts.is_held(held, r) for r in range(3)] == [False, True, False]
+    assert restarts.candidate_config(held, 1).warm_start == dataclasses.replace(config.warm_start, method="ward", steps=10)
+    assert restarts.candidate_config(held, 2).warm_start == config.warm_start
+    whole = with_restarts(held, steps=None)
+    assert restarts.candidate_config(whole, 1).warm_start.steps == config.loop.train_steps
 
 
 def test_widened_clamp_frees_the_heldout_sequences():
@@ -70,11 +76,12 @@ def test_bad_restart_settings_are_refused_before_anything_is_written(tmp_path, f
         run.train(config, sequences(0), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     mixture = with_restarts(blob_config("mixture", 30, 4), count=2, steps=10)
-    with pytest.raises(ValueError, match="the mixture has none"):
+    with pytest.raises(ValueError, match="it has no chain"):
         run.train(mixture, TrainData(np.zeros((8, 2), np.float32), np.zeros(8, np.int32), np.zeros(8, bool)),
                   tmp_path / "mix", progress=False)
-    with pytest.raises(ValueError, match="restarts.methods"):
-        with_restarts(config, methods=("kmeans", "spectral"))
+    for methods in (("kmeans", "spectral"), ("kmeans:hold",), ("none:held",)):
+        with pytest.raises(ValueError, match="restarts.methods"):
+            with_restarts(config, methods=methods)
 
 
 def test_the_run_continues_the_best_candidate_exactly_and_resumes_without_restarting(tmp_path):
@@ -165,3 +172,31 @@ def test_whole_run_candidates_keep_the_chosen_one_as_the_result(tmp_path):
                       tmp_path / "alone", progress=False).state
     for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(result.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_whose_em_would_end_below_its_start_keeps_the_start_held_and_says_so(tmp_path, capsys):
+    """The constructed failure: a mixture on the three blobs whose E-step is so flat (temperature 1e4) that EM
+    spreads every blob over every class and ends near chance, far below its k-means start. With the start
+    also trained held (``"kmeans:held"``, the start clamped for the whole candidate), the mixture's bound on the
+    held-out images chooses the held candidate, the run ends at least at its start's accuracy, and the log says
+    why. Without the held candidate (the old default) the same run ends below its start."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, K, 600).astype(np.int32)
+    data = TrainData(blobs(rng, labels), labels, np.zeros(600, bool))
+    flat = with_em(blob_config("mixture", 400, 64, warm_start="kmeans", warm_start_steps=50, reseed_every=0),
+                   temperature=dict(final=1e4))
+    accuracy = lambda result: run.score_states(labels, run.predict_states(
+        result.config, result.parts, result.state, data.images, None, num_t=16)["states"], K)["accuracy"]
+    start = run.score_states(labels, warm_start.kmeans_labels(data.images, K, seed=0), K)["accuracy"]
+    assert start > 0.99  # the blobs are separated: k-means finds them
+
+    em_only = run.train(flat, data, tmp_path / "em", progress=False)
+    assert accuracy(em_only) < start - 0.2  # EM alone ends far below its start
+
+    guarded = with_restarts(flat, count=2, methods=("kmeans", "kmeans:held"), criterion="bound", num_t=16,
+                            heldout_fraction=0.2)
+    result = run.train(guarded, data, tmp_path / "guarded", progress=False)
+    choice = result.decisions["restarts"]
+    assert choice["chosen"] == 1 and choice["held"] and choice["scores"][1] > choice["scores"][0] + 0.1, choice
+    assert accuracy(result) >= start - 0.01
+    assert "start held for all 400 steps scores above every EM candidate" in capsys.readouterr().out

@@ -22,6 +22,9 @@ MODEL_TYPES = ("hmdm", "mixture")
 # the warm starts: the clusterings of hmdm_jax.warm_start, and "mixture" (HMDM only): the states of a
 # frame-wise diffusion mixture trained first on the sequences' frames (hmdm_jax.run.mixture_start)
 WARM_STARTS = warm_start.METHODS + ("mixture", "none")
+# a restart method "ghmm:held" is that warm start clamped for the candidate's whole run, with no EM: the
+# reference a run must beat to end above its own start (RestartConfig)
+HELD = ":held"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -148,15 +151,18 @@ class ReseedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RestartConfig:
-    """Restarts chosen by the model's own bound (HMDM): ``count`` candidate runs on the training sequences
-    less a held-out share of ``heldout_fraction``, each for ``steps`` steps (None: the whole run,
-    ``loop.train_steps``). Candidate r has its own seed (its network init, step keys and warm-start draws)
-    and the warm start ``methods[r % len(methods)]`` (empty: ``warm_start.method`` for all). The candidate
-    whose ``criterion`` per frame on the held-out share is highest is kept: "chain", the chain's share of
-    the HMDM's likelihood bound (what the learned π, A explain beyond the frames), or "bound", the bound
-    (:class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). It continues on all the
-    sequences to ``loop.train_steps`` (nothing is left to continue when ``steps`` is None: the kept model
-    never saw the held-out share). ``count = 1``: no restarts."""
+    """Restarts chosen by the model's own bound: ``count`` candidate runs on the training data less a
+    held-out share of ``heldout_fraction`` (sequences, or the mixture's images), each for ``steps`` steps
+    (None: the whole run, ``loop.train_steps``). Candidate r has its own seed (its network init, step keys and
+    warm-start draws) and the warm start ``methods[r % len(methods)]`` (empty: ``warm_start.method`` for all).
+    A method with the suffix ``":held"`` (``"ghmm:held"``) keeps its warm start clamped for all the
+    candidate's steps: the network trained on the start's assignment, with no EM, the reference an EM
+    candidate from that start must beat. The candidate whose ``criterion`` per frame on the held-out share is
+    highest is kept: "chain", the chain's share of the HMDM's likelihood bound (what the learned π, A explain
+    beyond the frames), or "bound", the bound itself (the mixture's only criterion: it has no chain;
+    :class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). It continues on all the
+    data to ``loop.train_steps`` (nothing is left to continue when ``steps`` is None: the kept model never saw
+    the held-out share). ``count = 1``: no restarts."""
 
     count: int = 1
     steps: int | None = None
@@ -173,8 +179,9 @@ class RestartConfig:
         _check(0.0 < self.heldout_fraction < 1.0,
                f"restarts.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(self.criterion in ("chain", "bound"), f"restarts.criterion must be 'chain' or 'bound', got {self.criterion!r}")
-        _check(all(m in WARM_STARTS for m in self.methods),
-               f"restarts.methods must name warm starts in {WARM_STARTS}, got {self.methods}")
+        _check(all(m.removesuffix(HELD) in WARM_STARTS and m != "none" + HELD for m in self.methods),
+               f"restarts.methods must name warm starts in {WARM_STARTS}, each optionally with the suffix "
+               f"{HELD!r} (that start clamped for the whole candidate), got {self.methods}")
 
     @property
     def active(self) -> bool:
@@ -271,8 +278,8 @@ class RunConfig:
                "reseed.check_moves compares the HMDM's chain with and without a move: the mixture has none "
                "(set reseed.check_moves=false)")
         if self.restarts.active:
-            _check(self.model_type == "hmdm", "restarts are chosen by the HMDM's bound on held-out sequences: "
-                                              "the mixture has none (set restarts.count=1)")
+            _check(self.model_type == "hmdm" or self.restarts.criterion == "bound",
+                   "the mixture's restarts are chosen by its bound: it has no chain (set restarts.criterion=bound)")
             steps = self.restarts.candidate_steps(self.loop.train_steps)
             _check(steps <= self.loop.train_steps,
                    f"restarts.steps ({steps}) must be at most loop.train_steps ({self.loop.train_steps})")

@@ -145,7 +145,7 @@ def train(
     # with restarts, the run continues after the warm start (each candidate makes its own)
     own_start = not config.restarts.active
     labels, start_record = phase_labels(config if own_start else config.replace(warm_start=WarmStartConfig("none")), data)
-    if config.band.choose and not (labels[0] >= 0).any():
+    if config.band.choose and own_start and not (labels[0] >= 0).any():
         raise ValueError("band.choose picks the band from the warm-start assignment: set warm_start.method "
                          "(or observe some labels)")
     hooks = default_hooks(config) if hooks is None else tuple(hooks)
@@ -258,9 +258,13 @@ def train(
                     return TrainResult(None, config, parts, {}, {}, True)
                 loop = chosen
                 choice = loop.decisions["restarts"]
+                held = (f": its {choice['warm_start']} start held for all {loop.step} steps scores above every EM "
+                        f"candidate, which would have ended below its own start by the model's bound"
+                        if choice["held"] else "")
                 log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} "
                     f"{'is kept' if loop.step >= config.loop.train_steps else 'continues'} (held-out "
-                    f"{choice['criterion']} per frame: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(choice["scores"])) + ")")
+                    f"{choice['criterion']} per frame: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(choice["scores"])) + ")"
+                    + held)
                 ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop), force=True)
                 end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps,
                                                                              loop.step + stop_after)
@@ -300,8 +304,9 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         cand = LoopState(0, init_state(c, parts, init_params))
         log = logger({"restart": r}, f"restart {r}: ", lambda: cand.step)
         labels, record = phase_labels(c, split.train)
-        log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed},
-            describe_start(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}")
+        held = f" (held for all {c.warm_start.steps} steps: no EM)" if restarts.is_held(config, r) else ""
+        log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed, "held": bool(held)},
+            (describe_start(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}") + held)
         cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log, ctx.advance)
         cand, stop = run_steps(cand_ctx, cand, r_config.candidate_steps(config.loop.train_steps), lambda loop: None)
         if stop:
@@ -309,7 +314,7 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         score = restarts.heldout_scores(config, parts, cand.train_state, split.heldout, key)
         scores.append(score)
         log({"restart_scores": score._asdict()},
-            f"on the {len(split.heldout.images)} held-out training sequences, nats per frame: bound {score.bound:.3f}, "
+            f"on the {len(split.heldout.images)} held-out training {'images' if data.mask is None else 'sequences'}, nats per frame: bound {score.bound:.3f}, "
             f"frame-wise {score.framewise:.3f}, chain {score.chain:.3f}")
         value = getattr(score, r_config.criterion)
         if np.isfinite(value) and (best is None or value > getattr(scores[best[0]], r_config.criterion)):
@@ -320,6 +325,7 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
     choice = {"chosen": r, "seed": restarts.candidate_seed(config.seed, r), "criterion": r_config.criterion,
               "scores": [getattr(s, r_config.criterion) for s in scores],
               "bounds": [s.bound for s in scores], "chain": [s.chain for s in scores],
-              "warm_start": restarts.candidate_config(config, r).warm_start.method}
+              "warm_start": restarts.candidate_config(config, r).warm_start.method,
+              "held": restarts.is_held(config, r)}
     return LoopState(cand.step, cand.train_state, {**cand.decisions, "restarts": choice},
                      restarts.widen_clamp(cand.clamp, split.train_index, data.labels.shape), cand.evaluation)

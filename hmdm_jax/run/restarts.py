@@ -18,11 +18,11 @@ import numpy as np
 
 from hmdm_jax import em, emission, hmm
 from hmdm_jax.run.batches import Clamp, TrainData
-from hmdm_jax.run.config import RunConfig
+from hmdm_jax.run.config import HELD, RunConfig
 from hmdm_jax.run.parts import RunParts
 from hmdm_jax.state import TrainState
 
-__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "heldout_scores", "split_sequences",
+__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "heldout_scores", "is_held", "split_sequences",
            "stationary_log_distribution", "widen_clamp"]
 
 SEED_STRIDE = 0x9E3779B1  # candidate r > 0 runs with seed + r * stride (mod 2**32): distinct, far apart streams
@@ -65,10 +65,21 @@ def candidate_seed(seed: int, r: int) -> int:
     return (seed + r * SEED_STRIDE) % 2**32
 
 
-def candidate_config(config: RunConfig, r: int) -> RunConfig:
-    """Candidate ``r``'s config: its seed and warm start (``restarts.methods[r % len]``), no restarts of its own."""
+def is_held(config: RunConfig, r: int) -> bool:
+    """Whether candidate ``r`` keeps its warm start clamped for all its steps (a ``":held"`` method)."""
     methods = config.restarts.methods
-    ws = config.warm_start if not methods else dataclasses.replace(config.warm_start, method=methods[r % len(methods)])
+    return bool(methods) and methods[r % len(methods)].endswith(HELD)
+
+
+def candidate_config(config: RunConfig, r: int) -> RunConfig:
+    """Candidate ``r``'s config: its seed and warm start (``restarts.methods[r % len]``; a held one lasts all
+    the candidate's steps), no restarts of its own."""
+    methods = config.restarts.methods
+    ws = config.warm_start
+    if methods:
+        ws = dataclasses.replace(ws, method=methods[r % len(methods)].removesuffix(HELD))
+    if is_held(config, r):
+        ws = dataclasses.replace(ws, steps=config.restarts.candidate_steps(config.loop.train_steps))
     return config.replace(seed=candidate_seed(config.seed, r), warm_start=ws,
                           restarts=dataclasses.replace(config.restarts, count=1))
 
@@ -124,6 +135,9 @@ def heldout_scores(config: RunConfig, parts: RunParts, state: TrainState, heldou
                     forward(log_stationary, iid_A, elbo, mask).log_marginal.sum())
         _SCORERS[cache_key] = jax.jit(score)
     fn = _SCORERS[cache_key]
+    if heldout.mask is None:  # the mixture's images: sequences of one frame, whose bound is log Σ_k π_k b_k
+        heldout = TrainData(heldout.images[:, None], heldout.labels[:, None], heldout.observed[:, None],
+                            np.ones((len(heldout.images), 1), bool))
     log_stationary = stationary_log_distribution(state.log_A)
     totals, batch = np.zeros(2), config.evaluation.batch_size
     for start in range(0, len(heldout.images), batch):
