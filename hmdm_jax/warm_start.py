@@ -1,21 +1,26 @@
 """Warm starts for the class assignment, used as clamped labels for a few hundred steps before EM runs free
-(EM from a random start leaves dead or merged classes): clusters of the frames (k-means or Ward), or, for
+(EM from a random start leaves dead or merged classes): clusters of the frames (k-means, Ward, or a Gaussian
+mixture on a UMAP embedding of them), or, for
 sequences, the Viterbi path of a Gaussian HMM fitted to them (:mod:`hmdm_jax.gaussian_hmm`), which uses the
 chain as the HMDM does, so the diffusion model starts where the classical HMM ends."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
 
 from hmdm_jax import gaussian_hmm
 
 __all__ = [
     "cluster_labels", "describe", "gaussian_hmm_labels", "kmeans_labels", "MAX_WARD_FRAMES", "METHODS", "SEQUENCE_METHODS",
+    "umap_labels",
 ]
 
 
-METHODS = ("kmeans", "ward", "ghmm")
+METHODS = ("kmeans", "ward", "umap", "ghmm")
 SEQUENCE_METHODS = ("ghmm",)  # need sequences [N, n, *event] and their mask, not a set of frames
 MAX_WARD_FRAMES = 30_000  # Ward keeps an N × N distance structure: 30k frames ≈ 7 GB
 
@@ -35,13 +40,15 @@ def cluster_labels(frames: np.ndarray, num_classes: int, method: str = "kmeans",
                    pca_dims: int | None = 50, seed_labels: np.ndarray | None = None) -> np.ndarray:
     """Cluster indices ``[N]`` int32 in 0..K−1 of ``frames [N, *event]`` by ``method``.
 
-    ``"kmeans"``: :func:`kmeans_labels` (seeded by ``seed_labels`` when possible). ``"ward"``: Ward's
-    agglomerative clustering on the same PCA features, deterministic; ``seed_labels`` are not used (the
-    caller renumbers the clusters). Ward needs O(N²) memory: above ``MAX_WARD_FRAMES`` frames it is refused
-    with an error that says so.
+    ``"kmeans"``: :func:`kmeans_labels` (seeded by ``seed_labels`` when possible). ``"umap"``:
+    :func:`umap_labels` (likewise seeded). ``"ward"``: Ward's agglomerative clustering on the same PCA
+    features, deterministic; ``seed_labels`` are not used (the caller renumbers the clusters). Ward needs
+    O(N²) memory: above ``MAX_WARD_FRAMES`` frames it is refused with an error that says so.
     """
     if method == "kmeans":
         return kmeans_labels(frames, num_classes, seed=seed, pca_dims=pca_dims, seed_labels=seed_labels)
+    if method == "umap":
+        return umap_labels(frames, num_classes, seed=seed, pca_dims=pca_dims, seed_labels=seed_labels)
     if method in SEQUENCE_METHODS:
         raise ValueError(f"warm start {method!r} needs sequences: use gaussian_hmm_labels")
     if method != "ward":
@@ -71,14 +78,66 @@ def kmeans_labels(frames: np.ndarray, num_classes: int, seed: int = 0, pca_dims:
       ``[N]`` int32 cluster indices in 0..K−1.
     """
     x = _features(frames, num_classes, seed, pca_dims)
-    if seed_labels is not None:
-        seed_labels = np.asarray(seed_labels).reshape(-1)
-        if seed_labels.shape != (len(x),):
-            raise ValueError(f"seed_labels must have one entry per frame ({len(x)}), got shape {seed_labels.shape}")
-        if all((seed_labels == k).any() for k in range(num_classes)):
-            means = np.stack([x[seed_labels == k].mean(0) for k in range(num_classes)])
-            return KMeans(num_classes, init=means, n_init=1, random_state=seed).fit_predict(x).astype(np.int32)
+    means = _seeded_means(x, seed_labels, num_classes)
+    if means is not None:
+        return KMeans(num_classes, init=means, n_init=1, random_state=seed).fit_predict(x).astype(np.int32)
     return KMeans(num_classes, n_init=10, random_state=seed).fit_predict(x).astype(np.int32)
+
+
+UMAP_DIMS = 10  # the embedding's dimension: enough for K ≤ 10 clusters to separate, few for a full-covariance GMM
+UMAP_NEIGHBORS = 15  # umap-learn's default: the local scale of the manifold
+GMM_RESTARTS = 3  # the Gaussian mixture on the embedding keeps the best of these by training likelihood
+
+
+def _seeded_means(x: np.ndarray, seed_labels: np.ndarray | None, num_classes: int) -> np.ndarray | None:
+    """``[K, d]`` class means of the labelled rows of ``x`` when every class has one (seeded clustering), else None."""
+    if seed_labels is None:
+        return None
+    seed_labels = np.asarray(seed_labels).reshape(-1)
+    if seed_labels.shape != (len(x),):
+        raise ValueError(f"seed_labels must have one entry per frame ({len(x)}), got shape {seed_labels.shape}")
+    if not all((seed_labels == k).any() for k in range(num_classes)):
+        return None
+    return np.stack([x[seed_labels == k].mean(0) for k in range(num_classes)])
+
+
+def umap_labels(frames: np.ndarray, num_classes: int, seed: int = 0, pca_dims: int | None = 50,
+                seed_labels: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian-mixture clusters of a UMAP embedding of the frames: a label-free start that follows the
+    frames' manifold where k-means and Ward cut across it (McInnes et al., 2018; the classical pipeline
+    PCA → UMAP → GMM).
+
+    The distinct frames are embedded and clustered once each: sequences reuse images, and exact duplicates
+    would make cliques of the nearest-neighbour graph that UMAP then tears apart. The embedding (``UMAP_DIMS``
+    dimensions, ``min_dist = 0`` to keep clusters compact) is clustered by a full-covariance Gaussian
+    mixture, the best of ``GMM_RESTARTS`` by training likelihood, or started from the class means of
+    ``seed_labels`` when every class has one.
+
+    Args:
+      frames: ``[N, *event]`` frames (flattened, PCA-projected to ``pca_dims`` first).
+      num_classes: K.
+      seed: random seed of PCA, UMAP and the mixture.
+      seed_labels: optional ``[N]`` labels in 0..K−1, −1 = unknown.
+
+    Returns:
+      ``[N]`` int32 cluster indices in 0..K−1.
+    """
+    import umap  # umap-learn compiles with numba on first use: only this start pays for it
+
+    x = _features(frames, num_classes, seed, pca_dims).astype(np.float32)
+    distinct, inverse = np.unique(x, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(distinct) <= max(UMAP_NEIGHBORS, UMAP_DIMS + 1, num_classes):
+        raise ValueError(f"the UMAP warm start needs more than {max(UMAP_NEIGHBORS, UMAP_DIMS + 1, num_classes)} "
+                         f"distinct frames, got {len(distinct)}: use kmeans")
+    with warnings.catch_warnings():  # a fixed random_state makes UMAP single-threaded, and it says so
+        warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
+        embedding = umap.UMAP(n_components=UMAP_DIMS, n_neighbors=UMAP_NEIGHBORS, min_dist=0.0,
+                              random_state=seed).fit_transform(distinct).astype(np.float64)
+    means = _seeded_means(embedding[inverse], seed_labels, num_classes)
+    gmm = GaussianMixture(num_classes, covariance_type="full", reg_covar=1e-4, random_state=seed,
+                          n_init=GMM_RESTARTS if means is None else 1, means_init=means)
+    return gmm.fit(embedding).predict(embedding)[inverse].astype(np.int32)
 
 
 def gaussian_hmm_labels(sequences: np.ndarray, mask: np.ndarray, num_classes: int, seed: int = 0

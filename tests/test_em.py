@@ -229,6 +229,26 @@ def test_seeded_kmeans_follows_the_observed_labels_where_plain_kmeans_does_not()
         warm_start.kmeans_labels(frames, 2, seed_labels=seed_labels[:10])
 
 
+def test_umap_start_follows_the_manifold_where_kmeans_cuts_across_it():
+    """Two interleaved half-moons: k-means cuts across them, the Gaussian mixture on a UMAP embedding
+    follows each moon. Frames repeated three times (as sequences reuse images) get the labels of their
+    one copy, and the start is seeded by labelled class means when every class has some."""
+    from sklearn.datasets import make_moons
+
+    frames, labels = make_moons(300, noise=0.05, random_state=0)
+    accuracy = lambda clusters: max(np.mean(clusters == labels), np.mean(clusters != labels))
+    assert accuracy(warm_start.kmeans_labels(frames, 2, pca_dims=None)) < 0.9
+    clusters = warm_start.cluster_labels(frames, 2, "umap", pca_dims=None)
+    assert accuracy(clusters) > 0.98
+    repeated = warm_start.cluster_labels(np.tile(frames, (3, 1)), 2, "umap", pca_dims=None)
+    np.testing.assert_array_equal(repeated, np.tile(clusters, 3))
+    seed_labels = np.where(np.arange(300) % 20 == 0, labels, -1)
+    seeded = warm_start.umap_labels(frames, 2, pca_dims=None, seed_labels=seed_labels)
+    assert np.mean(seeded == labels) > 0.95  # numbered as the labels (swapped: < 0.05)
+    with pytest.raises(ValueError, match="distinct frames"):
+        warm_start.umap_labels(np.tile(frames[:5], (10, 1)), 2, pca_dims=None)
+
+
 # ------------------------------------------------------------------------------------------ scoring band
 
 

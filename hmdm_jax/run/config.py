@@ -98,7 +98,8 @@ class WarmStartConfig:
 
     Attributes:
       method: "kmeans" (seeded by the class means of observed labels when every class has some), "ward"
-        (Ward's agglomerative clusters; at most ``warm_start.MAX_WARD_FRAMES`` frames), "ghmm" (HMDM only:
+        (Ward's agglomerative clusters; at most ``warm_start.MAX_WARD_FRAMES`` frames), "umap" (a Gaussian
+        mixture on a UMAP embedding of the distinct frames, seeded like k-means), "ghmm" (HMDM only:
         the Viterbi path of a Gaussian HMM fitted to the training sequences without labels), "mixture"
         (HMDM only: the states of the frame-wise diffusion mixture of the same network, trained first for
         ``mixture_steps`` steps on the sequences' frames, :mod:`hmdm_jax.run.mixture_start`) or "none".

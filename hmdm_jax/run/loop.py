@@ -314,7 +314,9 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         score = restarts.heldout_scores(config, parts, cand.train_state, split.heldout, key)
         scores.append(score)
         log({"restart_scores": score._asdict()},
-            f"on the {len(split.heldout.images)} held-out training {'images' if data.mask is None else 'sequences'}, nats per frame: bound {score.bound:.3f}, "
+            f"on the {len(split.heldout.images)} held-out training images, nats per image: bound {score.bound:.3f}"
+            if data.mask is None else  # the mixture has no chain: its bound is its frame-wise bound
+            f"on the {len(split.heldout.images)} held-out training sequences, nats per frame: bound {score.bound:.3f}, "
             f"frame-wise {score.framewise:.3f}, chain {score.chain:.3f}")
         value = getattr(score, r_config.criterion)
         if np.isfinite(value) and (best is None or value > getattr(scores[best[0]], r_config.criterion)):
