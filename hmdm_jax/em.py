@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hmdm_jax import diffusion, emission
 from hmdm_jax.parallel import psum_if
@@ -33,8 +34,8 @@ __all__ = [
     "BALANCE_ITERATIONS", "BALANCE_SCALES", "balanced_class_posterior", "band_agreement",
     "CANDIDATE_BANDS", "tempered_log_emissions", "COUNTS_FROM", "EMConfig", "evaluation_config",
     "FINAL_STEP", "frame_keys", "label_loss", "Labels", "observed_label_loss", "posterior_entropy",
-    "Priors", "resolved_t_range", "Scoring", "Temperature", "e_step_scores", "select_t_range", "step_keys",
-    "temperature_at",
+    "Priors", "resolved_t_range", "Scoring", "Temperature", "e_step_scores", "select_t_range", "select_temperature",
+    "step_keys", "TEMPERATURE_GRID", "temperature_at", "temperature_fit",
 ]
 
 Array = jax.Array
@@ -433,6 +434,66 @@ def select_t_range(
         config, eps_fn, params, schedule, y, assignment, key, bands=tuple(tuple(b) for b in bands)
     )
     return tuple(bands[int(jnp.argmax(scores))]), scores
+
+
+TEMPERATURE_GRID = tuple(float(t) for t in np.geomspace(0.01, 10.0, 61))  # 12 points per decade
+REFERENCE_DRAWS = 32  # t-draws of the model's own class decision that a calibrated E-step score predicts
+
+
+def temperature_fit(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    y: Array,
+    key: Array,
+    grid=TEMPERATURE_GRID,
+    reference_draws: int = REFERENCE_DRAWS,
+) -> Array:
+    """For each temperature τ of ``grid``: how well the E-step's tempered posterior of a frame predicts the
+    model's own class decision for it, the mean log softmax(log b̃ / τ)[decision].
+
+    The E-step scores a frame with few t-draws (``scoring.num_t``), a noisy estimate of the class evidence
+    whose spread depends on the band, the network and the data. The decision is the argmax of
+    ``reference_draws`` independent draws in the same band. The τ that maximises this log-likelihood makes
+    the E-step's posterior as sure as its draws warrant: too low and the chain can no longer outvote a noisy
+    frame, too high and the frames' evidence is lost. Uses no labels.
+
+    Args:
+      config: the E-step options (their estimator, band and draws; the temperature is what is fitted).
+      y: ``[B, *event]`` frames.
+      grid: candidate temperatures.
+
+    Returns:
+      ``[len(grid)]`` float32 mean log-likelihoods (nats per frame).
+    """
+    scores = lambda keys, num_t: emission.log_emission(
+        eps_fn, params, schedule, y, keys, config.num_classes, estimator=config.scoring.estimator, num_t=num_t,
+        t_range=resolved_t_range(config, schedule.num_steps), variance=config.scoring.variance,
+        chunk_size=config.scoring.chunk_size)
+    log_b = scores(frame_keys(key, y.shape[0]), config.scoring.num_t)
+    decision = jnp.argmax(scores(frame_keys(jax.random.fold_in(key, 1), y.shape[0]), reference_draws), axis=-1)
+
+    def log_likelihood(temperature):
+        log_post = jax.nn.log_softmax(log_b / temperature, axis=-1)
+        return jnp.mean(jnp.take_along_axis(log_post, decision[:, None], axis=-1))
+
+    return jax.vmap(log_likelihood)(jnp.asarray(grid, jnp.float32))
+
+
+def select_temperature(
+    config: EMConfig,
+    eps_fn: EpsFn,
+    params: Any,
+    schedule: diffusion.Schedule,
+    y: Array,
+    key: Array,
+    grid=TEMPERATURE_GRID,
+) -> tuple[float, Array]:
+    """The temperature of ``grid`` with the highest :func:`temperature_fit`, and all the fits."""
+    fits = jax.jit(temperature_fit, static_argnums=(0, 1), static_argnames="grid")(
+        config, eps_fn, params, schedule, y, key, grid=tuple(grid))
+    return float(grid[int(jnp.argmax(fits))]), fits
 
 
 def frame_keys(key: Array, batch_size: int, axis_name: str | None = None) -> Array:

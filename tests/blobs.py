@@ -29,7 +29,7 @@ def markov_labels(rng, num_sequences, length, A=STICKY_A):
 
 
 def blob_config(model_type, steps, batch_size, *, warm_start="none", warm_start_steps=500, reseed_every=500,
-                choose_band=False, band_frames=2048, **loop):
+                choose_band=False, band_frames=2048, band_temperature=False, **loop):
     """A run on the blobs: the MLP of ``mlp-small``, T = 200, no evaluation or checkpoints between the last."""
     return rc.RunConfig(
         model_type, models.get_model_config("mlp-small"),
@@ -39,7 +39,7 @@ def blob_config(model_type, steps, batch_size, *, warm_start="none", warm_start_
         loop=rc.LoopConfig(**{**dict(train_steps=steps, batch_size=batch_size, checkpoint_every=0, log_every=50), **loop}),
         warm_start=rc.WarmStartConfig(warm_start, warm_start_steps),
         reseed=rc.ReseedConfig(every=reseed_every),
-        band=rc.BandConfig(choose_band, band_frames),
+        band=rc.BandConfig(choose_band, band_frames, band_temperature),
         evaluation=rc.EvalConfig(every=0),
     )
 

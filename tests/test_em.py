@@ -262,6 +262,34 @@ def gaussian_oracle_eps_fn(schedule, spread):
     return eps_fn
 
 
+def test_temperature_fit_is_the_log_likelihood_of_the_many_draw_decision_and_follows_the_score_noise():
+    """temperature_fit by brute force (the E-step's draws and an independent many-draw decision, keys as
+    documented), and what it is for: the fitted temperature is inside the grid, and an E-step that averages
+    more draws (less noise, same evidence) is fitted a lower temperature."""
+    schedule, spread = diffusion.linear_schedule(200), 0.3
+    rng = np.random.default_rng(2)
+    y = jnp.asarray(blobs(rng, np.arange(300) % K, spread))
+    eps_fn, params = gaussian_oracle_eps_fn(schedule, spread), jnp.asarray(CENTERS)
+    # the low band, where one draw's noise is of the order of the class evidence (agreement < 0.7 below)
+    config = em.EMConfig(num_classes=K, scoring=em.Scoring(num_t=1, t_range=(0.01, 0.05)))
+    key = jax.random.PRNGKey(4)
+    grid = (0.05, 0.2, 1.0, 5.0)
+    fits = np.asarray(jax.jit(lambda: em.temperature_fit(config, eps_fn, params, schedule, y, key, grid))())
+    score = jax.jit(lambda keys, n: emission.log_emission(eps_fn, params, schedule, y, keys, K, estimator="eps_mse",
+                                                          num_t=n, t_range=(2, 10)), static_argnums=1)
+    log_b = np.asarray(score(em.frame_keys(key, 300), 1), np.float64)
+    decision = np.argmax(np.asarray(score(em.frame_keys(jax.random.fold_in(key, 1), 300), em.REFERENCE_DRAWS)), 1)
+    for tau, fit in zip(grid, fits):
+        log_post = log_b / tau - np.logaddexp.reduce(log_b / tau, axis=1, keepdims=True)
+        assert fit == pytest.approx(np.mean(log_post[np.arange(300), decision]), abs=1e-4)
+
+    one, fits_one = em.select_temperature(config, eps_fn, params, schedule, y, key)
+    assert em.TEMPERATURE_GRID[0] < one < em.TEMPERATURE_GRID[-1]
+    assert one == em.TEMPERATURE_GRID[int(np.argmax(np.asarray(fits_one)))]
+    eight, _ = em.select_temperature(config.replace(scoring=dict(num_t=8)), eps_fn, params, schedule, y, key)
+    assert eight < one / 1.5, (one, eight)
+
+
 def test_band_agreement_is_one_draw_accuracy_and_selects_the_informative_band():
     schedule, spread = diffusion.linear_schedule(200), 0.3
     rng = np.random.default_rng(0)

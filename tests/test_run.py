@@ -156,27 +156,35 @@ def test_fused_steps_equal_single_steps(tmp_path):
     assert not np.allclose(np.asarray(jax.tree.leaves(init.params)[0]), np.asarray(jax.tree.leaves(b.params)[0]))
 
 
-def test_band_selection_after_warm_start_is_saved_and_resumes_exactly(tmp_path, monkeypatch):
-    """band.choose: the band chosen at the end of the k-means warm start is the argmax of the agreement
-    written to metrics.jsonl, is the checkpoint's one decision (its metadata), and a resumed run keeps it."""
+def test_band_and_temperature_chosen_after_warm_start_are_saved_and_resume_exactly(tmp_path, monkeypatch):
+    """band.choose and band.temperature: the band chosen at the end of the k-means warm start is the argmax
+    of the agreement written to metrics.jsonl, the temperature the argmax of its fit in that band; both are
+    the checkpoint's decisions (its metadata), the run trains and decodes with them, and a resumed run keeps
+    them."""
     rng = np.random.default_rng(6)
     labels = rng.integers(0, K, 64).astype(np.int32)
     data = TrainData(blobs(rng, labels), labels, np.zeros(64, bool))
     config = blob_config("mixture", 12, 16, warm_start="kmeans", warm_start_steps=4, choose_band=True,
-                         band_frames=48, checkpoint_every=3)
+                         band_frames=48, band_temperature=True, checkpoint_every=3)
     whole = run.train(config, data, tmp_path / "whole", progress=False)
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     (choice,) = [r for r in records if "t_range" in r]
     agreement = list(choice["band_agreement"].values())
     assert choice["step"] == 4 and tuple(choice["t_range"]) == em.CANDIDATE_BANDS[int(np.argmax(agreement))]
     assert whole.config.em.scoring.t_range == tuple(choice["t_range"])
+    (calibration,) = [r for r in records if "temperature_fit" in r]
+    fit = calibration["temperature_fit"]
+    assert calibration["step"] == 4 and calibration["temperature"] == em.TEMPERATURE_GRID[int(np.argmax(fit))]
+    assert whole.config.em.temperature.final == calibration["temperature"] != config.em.temperature.final
     trained, _, _, metadata = rp.load_run(tmp_path / "whole")
     assert trained == whole.config == config.with_decisions(metadata["decisions"]) != config
     assert tuple(metadata["decisions"]["t_range"]) == whole.config.em.scoring.t_range
+    assert metadata["decisions"]["temperature"] == whole.config.em.temperature.final
 
     run.train(config, data, tmp_path / "split", progress=False, stop_after=6)
     resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)
     assert resumed.config.em.scoring.t_range == whole.config.em.scoring.t_range
+    assert resumed.config.em.temperature == whole.config.em.temperature
 
     # the re-seed check at the end of the warm start decodes with the band chosen there
     decoded_with = []

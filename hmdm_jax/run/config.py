@@ -194,12 +194,16 @@ class RestartConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BandConfig:
-    """The label-free choice of the scoring band ``em.scoring.t_range`` at the end of the warm start: the candidate
-    (``em.CANDIDATE_BANDS``) whose one-draw class decision best reproduces the warm-start assignment on
-    ``frames`` training frames (:func:`em.select_t_range`). Needs a warm start or observed labels."""
+    """The label-free choices of how the E-step scores, at the end of the warm start, on ``frames`` training
+    frames: ``choose``, the scoring band ``em.scoring.t_range``, the candidate (``em.CANDIDATE_BANDS``) whose
+    one-draw class decision best reproduces the warm-start assignment (:func:`em.select_t_range`; needs a warm
+    start or observed labels); then ``temperature``, the temperature ``em.temperature.final`` at which the
+    E-step's posterior (in that band) best predicts the model's own many-draw class decision
+    (:func:`em.select_temperature`). Both are recorded as run decisions."""
 
     choose: bool = False
     frames: int = 2048
+    temperature: bool = False
 
     def __post_init__(self):
         _check(self.frames >= 1, "band.frames must be >= 1")
@@ -299,11 +303,14 @@ class RunConfig:
 
     def with_decisions(self, decisions: dict) -> "RunConfig":
         """This config with the loop hooks' decisions applied (``{"t_range": [lo, hi]}``, the band chosen
-        by ``band.choose``): the config a run trains and decodes with."""
-        if decisions.get("t_range") is None:
-            return self
-        band = tuple(float(b) for b in decisions["t_range"])
-        return dataclasses.replace(self, em=self.em.replace(scoring=dict(t_range=band)))
+        by ``band.choose``; ``{"temperature": τ}``, by ``band.temperature``): the config a run trains and
+        decodes with."""
+        em_config = self.em
+        if decisions.get("t_range") is not None:
+            em_config = em_config.replace(scoring=dict(t_range=tuple(float(b) for b in decisions["t_range"])))
+        if decisions.get("temperature") is not None:
+            em_config = em_config.replace(temperature=dict(final=float(decisions["temperature"])))
+        return self if em_config == self.em else dataclasses.replace(self, em=em_config)
 
 
 def _from_dict(cls, d, path="config"):

@@ -21,7 +21,7 @@ from hmdm_jax.run.evaluation import evaluate, predict_states
 from hmdm_jax.run.parts import RunParts, Streams
 from hmdm_jax.state import TrainState
 
-__all__ = ["Hook", "LoopState", "RunContext", "choose_band", "crossed", "default_hooks", "periodic_evaluation",
+__all__ = ["Hook", "LoopState", "RunContext", "choose_scoring", "crossed", "default_hooks", "periodic_evaluation",
            "reseed_dead_states", "revived_labels", "split_merge_labels"]
 
 
@@ -93,27 +93,43 @@ def periodic_evaluation(ctx: RunContext, loop: LoopState, prev_step: int) -> Loo
     return loop
 
 
-def choose_band(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
-    """At the end of the warm start (``band.choose``): the scoring band that best reproduces the warm-start
-    assignment (:func:`em.select_t_range`, no labels), recorded as ``decisions["t_range"]``."""
-    config = ctx.config
+def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
+    """At the end of the warm start: the scoring band that best reproduces the warm-start assignment
+    (``band.choose``, :func:`em.select_t_range`), then the temperature at which the E-step's posterior in that
+    band best predicts the model's own many-draw decision (``band.temperature``, :func:`em.select_temperature`).
+    No labels; recorded as ``decisions["t_range"]`` and ``decisions["temperature"]``."""
+    config, band_config = ctx.config, ctx.config.band
     boundary = max(config.warm_start.steps, 1)
-    if not config.band.choose or "t_range" in loop.decisions or not prev_step < boundary <= loop.step:
+    if not prev_step < boundary <= loop.step:
         return loop
     assignment = ctx.phase_labels[0]
-    valid = (assignment >= 0) & ctx.data.valid
+    valid = ctx.data.valid & ((assignment >= 0) if band_config.choose else True)
     frames, classes = ctx.data.images[valid], assignment[valid]
     key = jax.random.fold_in(ctx.streams.heuristics, loop.step)
     pick = np.sort(np.random.default_rng([config.seed, loop.step, BAND_STREAM]).permutation(len(frames))
-                   [: config.band.frames])
-    band, agreement = em.select_t_range(config.em, ctx.parts.eps_fn, loop.train_state.params, ctx.parts.schedule,
-                                        jnp.asarray(frames[pick]), jnp.asarray(classes[pick], jnp.int32), key)
-    agreement = [float(a) for a in np.asarray(agreement)]
-    loop.decisions = {**loop.decisions, "t_range": [float(b) for b in band]}
-    scores = dict(zip(map(str, em.CANDIDATE_BANDS), agreement))
-    ctx.log({"t_range": list(band), "band_agreement": scores},
-            f"step {loop.step}: scoring band t_range = {tuple(band)} (agreement with the warm start: "
-            + ", ".join(f"{b}: {a:.3f}" for b, a in scores.items()) + ")")
+                   [: band_config.frames])
+    if band_config.choose and "t_range" not in loop.decisions:
+        band, agreement = em.select_t_range(config.em, ctx.parts.eps_fn, loop.train_state.params, ctx.parts.schedule,
+                                            jnp.asarray(frames[pick]), jnp.asarray(classes[pick], jnp.int32), key)
+        agreement = [float(a) for a in np.asarray(agreement)]
+        loop.decisions = {**loop.decisions, "t_range": [float(b) for b in band]}
+        scores = dict(zip(map(str, em.CANDIDATE_BANDS), agreement))
+        ctx.log({"t_range": list(band), "band_agreement": scores},
+                f"step {loop.step}: scoring band t_range = {tuple(band)} (agreement with the warm start: "
+                + ", ".join(f"{b}: {a:.3f}" for b, a in scores.items()) + ")")
+    if band_config.temperature and "temperature" not in loop.decisions:
+        scoring = config.with_decisions(loop.decisions).em
+        temperature, fits = em.select_temperature(scoring, ctx.parts.eps_fn, loop.train_state.params,
+                                                  ctx.parts.schedule, jnp.asarray(frames[pick]),
+                                                  jax.random.fold_in(key, 1))
+        fits, grid = np.asarray(fits), np.asarray(em.TEMPERATURE_GRID)
+        loop.decisions = {**loop.decisions, "temperature": temperature}
+        configured = config.em.temperature.final
+        near = int(np.argmin(np.abs(np.log(grid / configured))))
+        ctx.log({"temperature": temperature, "temperature_fit": [float(f) for f in fits]},
+                f"step {loop.step}: temperature {temperature:.3g} in the band {scoring.scoring.t_range} "
+                f"(its posterior predicts the model's {em.REFERENCE_DRAWS}-draw class decision at {fits.max():.3f} "
+                f"nats per frame; at {grid[near]:.3g}, near the configured {configured:g}: {fits[near]:.3f})")
     return loop
 
 
@@ -296,4 +312,4 @@ def default_hooks(config: RunConfig) -> tuple[Hook, ...]:
     """The hooks a run uses, in the order they run after a step. The band is chosen before the re-seed check
     of the same step decodes with it: decoded with the default band, a 28×28 mixture put every image in one
     state at the end of its warm start, and the re-seeding then split that state over all the others."""
-    return (periodic_evaluation, choose_band, reseed_dead_states)
+    return (periodic_evaluation, choose_scoring, reseed_dead_states)
