@@ -290,9 +290,9 @@ def test_observed_batch_fraction_draws_that_share_from_labelled_items():
 
 
 def test_presets_final_estimator_and_observed_batch_fraction():
-    """The mixture is finally classified by its grid ELBO, weights labelled images up, chooses its band and,
-    when labels are observed, adds the label loss; HMDM keeps its tempered training scorer, uniform batches,
-    the fixed band and no label loss."""
+    """The mixture is finally classified by its grid ELBO, weights labelled images up and, when labels are
+    observed, adds the label loss; HMDM keeps its tempered training scorer, uniform batches and no label
+    loss. Both choose their band and temperature from the data."""
     mix = presets.preset("cpu-small", "mixture", 10, (8, 8, 1), num_images=1797)
     assert (mix.evaluation.final_estimator, mix.evaluation.final_num_t) == ("elbo", 50)
     assert mix.loop.observed_batch_fraction == 0.5 and mix.band.choose and mix.warm_start.method == "ward"
@@ -304,8 +304,9 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert (labelled.em.labels.loss_weight, labelled.loop.train_steps) == (0.1, 6000)
     assert presets.preset("cpu-small", "hmdm", 10, (8, 8, 1), observed_labels=0.1).em.labels.loss_weight == 0
     hm = presets.preset("cpu-small", "hmdm", 10, (8, 8, 1))
-    assert hm.evaluation.final_estimator is None and hm.loop.observed_batch_fraction == 0 and not hm.band.choose
-    assert hm.warm_start.method == "kmeans" and hm.em.scoring.t_range == (0.3, 0.6)
+    assert hm.evaluation.final_estimator is None and hm.loop.observed_batch_fraction == 0
+    assert hm.band.choose and hm.band.temperature and mix.band.temperature
+    assert hm.warm_start.method == "kmeans"
     assert hm.reseed.split_merge and not unlabelled.reseed.split_merge  # the move is measured on HMDM only
     # HMDM: one pass scores all K classes, which pays for restarts from three different warm starts
     assert hm.network.class_heads == mix.network.class_heads == "multi_head"

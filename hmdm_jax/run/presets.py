@@ -24,6 +24,10 @@ PRESETS = ("cpu-small", "gpu", "tpu")
 # it splits, else it dies again within 500 steps; the Gaussian proxy behind a move does not know the diffusion
 # model, so each move is first tried for a period against the run without it, by the chain's share of the bound
 HMDM_RESEED = ReseedConfig(split_merge=True, copy_parent=True, check_moves=True)
+# The E-step's band and temperature are chosen from the data at the end of the warm start, not fixed: a band's
+# one-draw scores are as noisy as that band, network and data make them, and a fixed temperature tuned for one
+# band is several times too sharp in another, which leaves a chain no room to correct a frame (RESULTS.md)
+SCORING_CHOSEN = BandConfig(choose=True, temperature=True)
 
 
 def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int, ...], **data) -> RunConfig:
@@ -57,7 +61,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
             # chain explains most of the held-out sequences kept: shorter candidates did not predict where a
             # run ends, and the whole bound ranks the networks' densities more than the states (RESULTS.md)
             return RunConfig(model_type, network, em_config, event_shape, loop=loop, reseed=HMDM_RESEED,
-                             restarts=_hmdm_restarts(data), data=record)
+                             restarts=_hmdm_restarts(data), band=SCORING_CHOSEN, data=record)
         # The mixture: Ward's clusters (O(N²) memory) as the start, the label-free band choice, and
         # decoding by the grid ELBO, a classification by the model's own likelihood bound.
         fits_ward = data.get("num_images", 0) <= warm_start.MAX_WARD_FRAMES
@@ -69,7 +73,7 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
             loop = dataclasses.replace(loop, train_steps=6000)
         return RunConfig(model_type, network, em_config, event_shape, loop=loop,
                          warm_start=WarmStartConfig("ward" if fits_ward else "kmeans"),
-                         band=BandConfig(choose=True), evaluation=evaluation, data=record)
+                         band=SCORING_CHOSEN, evaluation=evaluation, data=record)
     if name in ("gpu", "tpu"):
         network = dataclasses.replace(models.get_model_config(_unet_for(event_shape)), class_heads="multi_head")
         frames = 1024 if name == "gpu" else 4096
