@@ -100,7 +100,7 @@ def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopStat
     No labels; recorded as ``decisions["t_range"]`` and ``decisions["temperature"]``."""
     config, band_config = ctx.config, ctx.config.band
     boundary = max(config.warm_start.steps, 1)
-    if not prev_step < boundary <= loop.step:
+    if not (band_config.choose or band_config.temperature) or not prev_step < boundary <= loop.step:
         return loop
     assignment = ctx.phase_labels[0]
     valid = ctx.data.valid & ((assignment >= 0) if band_config.choose else True)
