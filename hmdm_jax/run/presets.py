@@ -45,8 +45,9 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
     record = tuple(data.items())
     if name == "cpu-small":
         # Frames larger than the width need the input skip to pass the noise through. Class scores are sums
-        # over D values, so the temperature grows with D (0.15 per 64 values): otherwise a 28×28 E-step is so
-        # sharp that all frames collapse into one or two states.
+        # over D values, so the configured temperature grows with D (0.15 per 64 values); the run replaces it
+        # with the calibrated one at the end of the warm start (SCORING_CHOSEN), and a user who turns that
+        # off (band.temperature=false) keeps this scale.
         dim = int(np.prod(event_shape))
         # One network pass scores all K classes (class_heads="multi_head"), instead of K passes. Frames of
         # more than 256 values get width 512: at 28×28 width 256 collapsed after its warm start, and 1024
