@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import common  # noqa: E402
 
 TINY = ["--steps", "2", "--no-progress", "--no-figures", "--num-sequences", "6", "--heldout-sequences", "3",
-        "--length", "5", "--set", "loop.batch_size=2", "warm_start.steps=0", "evaluation.every=0",
+        "--length", "5", "--set", "loop.batch_size=2", "warm_start.steps=0", "band.choose=false", "evaluation.every=0",
         "evaluation.final_num_t=1", "network.mlp_width=16", "network.mlp_depth=1", "diffusion.timesteps=20",
         "loop.log_every=1"]
 

@@ -204,6 +204,12 @@ def test_band_and_temperature_chosen_after_warm_start_are_saved_and_resume_exact
     no_assignment = blob_config("mixture", 12, 16, choose_band=True)  # warm_start="none"
     with pytest.raises(ValueError, match="band.choose"):
         run.train(no_assignment, data, tmp_path / "none", progress=False)
+    # restarts each make their own start: with none of them active the run is refused before anything is written
+    no_starts = dataclasses.replace(config, warm_start=dataclasses.replace(config.warm_start, steps=0),
+                                    restarts=dataclasses.replace(config.restarts, count=2, criterion="bound"))
+    with pytest.raises(ValueError, match="band.choose"):
+        run.train(no_starts, data, tmp_path / "restarts", progress=False)
+    assert not (tmp_path / "restarts").exists()
 
 
 def test_warm_start_clusters_are_numbered_as_the_observed_labels():

@@ -138,6 +138,12 @@ def train(
     """
     config.check()
     check_data(config, data)
+    # the band is chosen to reproduce a warm-start assignment: every run that chooses one (each restart) needs it
+    starts = ([restarts.candidate_config(config, r) for r in range(config.restarts.count)] if config.restarts.active
+              else [config])
+    if config.band.choose and not (data.clamped >= 0).any() and not all(c.warm_start.active for c in starts):
+        raise ValueError("band.choose picks the band from the warm-start assignment: set warm_start.method and "
+                         "warm_start.steps > 0 (or observe some labels), or band.choose=false")
     workdir = Path(workdir)
     split = restarts.split_sequences(config, data) if config.restarts.active and not resume else None
     _prepare_workdir(workdir, resume, overwrite)
@@ -145,9 +151,6 @@ def train(
     # with restarts, the run continues after the warm start (each candidate makes its own)
     own_start = not config.restarts.active
     labels, start_record = phase_labels(config if own_start else config.replace(warm_start=WarmStartConfig("none")), data)
-    if config.band.choose and own_start and not (labels[0] >= 0).any():
-        raise ValueError("band.choose picks the band from the warm-start assignment: set warm_start.method "
-                         "(or observe some labels)")
     hooks = default_hooks(config) if hooks is None else tuple(hooks)
     mesh = parallel.data_mesh() if len(jax.devices()) > 1 else None
     if mesh is not None:
