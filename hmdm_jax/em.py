@@ -467,11 +467,9 @@ def temperature_fit(
     Returns:
       ``[len(grid)]`` float32 mean log-likelihoods (nats per frame).
     """
-    scores = lambda keys, num_t: emission.log_emission(
-        eps_fn, params, schedule, y, keys, config.num_classes, estimator=config.scoring.estimator, num_t=num_t,
-        t_range=resolved_t_range(config, schedule.num_steps), variance=config.scoring.variance,
-        chunk_size=config.scoring.chunk_size)
-    log_b = scores(frame_keys(key, y.shape[0]), config.scoring.num_t)
+    untempered = config.replace(temperature=Temperature(final=1.0))
+    scores = lambda keys, num_t: tempered_log_emissions(untempered, eps_fn, params, schedule, y, keys, FINAL_STEP, num_t)
+    log_b = scores(frame_keys(key, y.shape[0]), None)  # the E-step's own draws
     decision = jnp.argmax(scores(frame_keys(jax.random.fold_in(key, 1), y.shape[0]), reference_draws), axis=-1)
 
     def log_likelihood(temperature):
