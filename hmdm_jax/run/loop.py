@@ -262,7 +262,7 @@ def train(
                 loop = chosen
                 choice = loop.decisions["restarts"]
                 held = (f": its {choice['warm_start']} start held for all {loop.step} steps scores above every EM "
-                        f"candidate, which would have ended below its own start by the model's bound"
+                        f"candidate by the model's held-out bound, so the run keeps the start rather than end below it"
                         if choice["held"] else "")
                 log({"restarts": choice}, f"step {loop.step}: restart {choice['chosen']} "
                     f"{'is kept' if loop.step >= config.loop.train_steps else 'continues'} (held-out "
