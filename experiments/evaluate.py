@@ -72,6 +72,9 @@ def parse_args(argv=None):
     g.add_argument("--estimator", default=None, choices=emission.ESTIMATORS,
                    help="emission estimator for decoding (default: the run's loop.final_estimator, else the training one)")
     g.add_argument("--batch-size", type=common.at_least(1), default=None, help="sequences (images) per decoding call")
+    g.add_argument("--choose-temperature", action="store_true",
+                   help="HMDM: choose the final decoding's temperature now, as evaluation.choose_temperature does at "
+                        "the end of training (for a run trained without it; a run that chose one keeps its own)")
     g.add_argument("--accuracy-max-items", type=common.at_least(1), default=None,
                    help="decode at most this many held-out sequences (HMDM) / images (mixture) (default: all)")
     g = p.add_argument_group("NLL")
@@ -197,6 +200,22 @@ def full_mapping(mapping, k: int) -> np.ndarray | None:
         return None
     mapping = np.asarray(mapping, np.int64).reshape(-1)[:k]
     return np.concatenate([mapping, np.full(k - len(mapping), -1, np.int64)])
+
+
+def choose_temperature(config, parts, state, data: RunData):
+    """The run's config decoding at the temperature ``evaluation.choose_temperature`` would have chosen: on the
+    restarts' held-out training sequences (the same seeded split), else on the training sequences."""
+    if config.model_type != "hmdm":
+        common.fail("--choose-temperature balances the frames against the HMDM's chain: the mixture has none")
+    if config.evaluation.temperature is not None:
+        print(f"decoding temperature {config.evaluation.temperature:.3g}: the run's own choice", flush=True)
+        return config
+    sequences = run.restarts.split_sequences(config, data.train).heldout if config.restarts.active else data.train
+    temperature, fits = run.evaluation.choose_decoding_temperature(config, parts, state, sequences)
+    print(f"decoding temperature {temperature:.3g} (the E-step's: {config.em.temperature.final:.3g}); the chain adds "
+          f"{fits.max():.3f} nats per frame on {min(len(sequences.images), run.evaluation.DECODING_FIT_SEQUENCES)} "
+          f"sequences", flush=True)
+    return config.with_decisions({"decoding_temperature": temperature})
 
 
 def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tuple[dict, dict]:
@@ -552,6 +571,8 @@ def main(argv=None):
           f"{dict(config.data).get('source')}", flush=True)
     data = rebuild_data(config, workdir)
     _check_event_shape(config, data, workdir)
+    if args.choose_temperature:
+        config = choose_temperature(config, parts, state, data)
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {
         "workdir": str(workdir), "model": config.model_type, "step": step, "num_classes": config.em.num_classes,

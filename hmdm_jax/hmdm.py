@@ -24,6 +24,7 @@ import optax
 from hmdm_jax import diffusion, emission, hmm
 from hmdm_jax.em import (
     FINAL_STEP,
+    TEMPERATURE_GRID,
     EMConfig,
     EpsFn,
     evaluation_config,
@@ -36,8 +37,8 @@ from hmdm_jax.state import TrainState
 from hmdm_jax.steps import EStepResult, make_em_step
 
 __all__ = [
-    "decode", "DecodeResult", "log_likelihood_bound", "make_train_step", "sample_paths",
-    "sequence_log_emissions",
+    "decode", "DecodeResult", "decoding_temperature_fit", "log_likelihood_bound", "make_train_step", "sample_paths",
+    "select_decoding_temperature", "sequence_log_emissions",
 ]
 
 Array = jax.Array
@@ -206,3 +207,51 @@ def log_likelihood_bound(
         estimator="elbo", num_t=num_t, decoder=decoder,
     ).reshape(batch, length, num_classes)
     return jax.vmap(hmm.forward_filter, (None, None, 0, 0))(log_pi, log_A, elbo, mask).log_marginal
+
+
+def decoding_temperature_fit(
+    log_b: Array, mask: Array, log_pi: Array, log_A: Array, grid=TEMPERATURE_GRID,
+) -> Array:
+    """For each temperature τ of ``grid``: the log-likelihood per frame that the chain adds to sequences whose
+    frames are scored ``log_b``, when Viterbi decodes them with the emissions ``log_b / τ``.
+
+    Tempered class scores define, for every τ, a proper class-conditional density of a frame,
+    q_τ(y | x) = p(y) · softmax(log b(y) / τ)[x] / prior_τ(x), with prior_τ the mean of the tempered
+    posteriors over the valid frames (so ∫ q_τ(y | x) dy = 1). Under the HMM (π, A) with those emissions,
+    log p_τ(y_1..y_n) − Σ_l log p(y_l) is the forward algorithm over log softmax(log b / τ) − log prior_τ:
+    a held-out log-likelihood that can be compared across τ, with no labels. Too low a τ makes every
+    frame's decision final, and a frame the network gets wrong costs the chain a transition it deems
+    unlikely; too high a τ leaves the frames no evidence, and the value falls to 0 as τ → ∞.
+
+    The decoding averages many t-draws, so its scores are far less noisy than the E-step's one draw: the
+    E-step's temperature, calibrated for that one draw, leaves the decoding's emissions too soft, and a
+    learned A that is slightly off then outvotes frames the network classifies correctly.
+
+    Args:
+      log_b: ``[N, n, K]`` untempered class scores of the decoding (its estimator and t-draws).
+      mask: ``[N, n]`` bool.
+      log_pi, log_A: the learned chain.
+      grid: candidate temperatures.
+
+    Returns:
+      ``[len(grid)]`` float32 nats per valid frame.
+    """
+    num_frames = jnp.maximum(mask.sum(), 1)
+
+    def fit(temperature):
+        log_post = jax.nn.log_softmax(log_b / temperature, axis=-1)
+        pooled = jnp.where(mask[..., None], log_post, -jnp.inf).reshape(-1, log_b.shape[-1])
+        log_prior = jax.nn.logsumexp(pooled, axis=0) - jnp.log(num_frames)
+        log_q = jnp.where(mask[..., None], log_post - log_prior, 0.0)
+        forward = jax.vmap(hmm.forward_filter, (None, None, 0, 0))(log_pi, log_A, log_q, mask)
+        return forward.log_marginal.sum() / num_frames
+
+    return jax.lax.map(fit, jnp.asarray(grid, jnp.float32))
+
+
+def select_decoding_temperature(
+    log_b: Array, mask: Array, log_pi: Array, log_A: Array, grid=TEMPERATURE_GRID,
+) -> tuple[float, Array]:
+    """The temperature of ``grid`` with the highest :func:`decoding_temperature_fit`, and all the fits."""
+    fits = jax.jit(decoding_temperature_fit, static_argnames="grid")(log_b, mask, log_pi, log_A, grid=tuple(grid))
+    return float(grid[int(jnp.argmax(fits))]), fits

@@ -290,6 +290,53 @@ def test_temperature_fit_is_the_log_likelihood_of_the_many_draw_decision_and_fol
     assert eight < one / 1.5, (one, eight)
 
 
+def test_decoding_temperature_fit_is_the_chain_log_likelihood_ratio_by_brute_force():
+    """decoding_temperature_fit against an enumeration of every state path: for each τ, Σ over sequences of
+    log Σ_x π(x_1) Π A(x_l, x_l+1) Π softmax(log b_l / τ)[x_l] / prior_τ(x_l), per valid frame, with prior_τ
+    the mean tempered posterior of the valid frames; padded frames count nowhere."""
+    import itertools
+    rng = np.random.default_rng(0)
+    k, grid = 3, (0.1, 0.7, 3.0, 1e4)
+    log_b = rng.normal(0, 2, (2, 4, k))
+    mask = np.array([[True, True, True, True], [True, True, False, False]])
+    log_pi = np.log(rng.dirichlet(np.ones(k)))
+    log_A = np.log(rng.dirichlet(np.ones(k), size=k))
+    fits = np.asarray(hmdm.decoding_temperature_fit(jnp.asarray(log_b, jnp.float32), jnp.asarray(mask),
+                                                    jnp.asarray(log_pi, jnp.float32), jnp.asarray(log_A, jnp.float32),
+                                                    grid=grid))
+    for tau, fit in zip(grid, fits):
+        log_post = log_b / tau - np.logaddexp.reduce(log_b / tau, axis=-1, keepdims=True)
+        log_prior = np.logaddexp.reduce(log_post[mask], axis=0) - np.log(mask.sum())
+        total = 0.0
+        for seq, valid in zip(log_post - log_prior, mask):
+            n = int(valid.sum())
+            paths = [log_pi[p[0]] + sum(log_A[a, b] for a, b in zip(p, p[1:])) + sum(seq[l, p[l]] for l in range(n))
+                     for p in itertools.product(range(k), repeat=n)]
+            total += np.logaddexp.reduce(paths)
+        assert fit == pytest.approx(total / mask.sum(), abs=2e-4)
+    assert abs(fits[-1]) < 1e-3  # no evidence in the frames: the chain adds nothing
+
+
+@pytest.mark.parametrize("scale", [0.25, 4.0])
+def test_decoding_temperature_recovers_the_scale_of_mis_scaled_exact_scores(scale):
+    """Scores that are ``scale`` × the exact log-densities of Gaussian frames on a symmetric sticky chain: at
+    τ = scale the tempered emissions are the true model, so the held-out likelihood peaks there, and the
+    chosen τ decodes better than the E-step's τ = 1 would (scores 4× too sharp or too soft)."""
+    rng = np.random.default_rng(1)
+    spread = 0.6  # blobs that overlap: the chain matters
+    states = markov_labels(rng, 300, 20)
+    y = blobs(rng, states, spread)
+    log_density = -((y[:, :, None, :] - CENTERS) ** 2).sum(-1) / (2 * spread**2)  # [N, n, K] up to a constant
+    log_b = jnp.asarray(scale * log_density, jnp.float32)
+    mask = jnp.ones(states.shape, bool)
+    log_pi, log_A = jnp.full((K,), -np.log(K)), jnp.log(jnp.asarray(STICKY_A, jnp.float32))
+    tau, fits = hmdm.select_decoding_temperature(log_b, mask, log_pi, log_A)
+    assert scale / 1.3 < tau < scale * 1.3, (scale, tau)
+    viterbi = jax.vmap(hmm.viterbi, (None, None, 0, 0))
+    accuracy = lambda t: float(np.mean(np.asarray(viterbi(log_pi, log_A, log_b / t, mask).states) == states))
+    assert accuracy(tau) > accuracy(1.0) + 0.01, (accuracy(tau), accuracy(1.0))
+
+
 def test_band_agreement_is_one_draw_accuracy_and_selects_the_informative_band():
     schedule, spread = diffusion.linear_schedule(200), 0.3
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ The mixture pipeline and the ablations end to end are marked slow (each adds its
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -103,6 +104,19 @@ def test_evaluate_hmdm(hmdm_run):
                      "training_curves.png"}
     assert all(Path(p).stat().st_size > 0 for p in saved["figures"])
     assert ev["accuracy"]["accuracy"] == acc["accuracy"]
+
+
+def test_evaluate_choose_temperature_reproduces_the_choice_the_run_made_at_its_end(hmdm_run):
+    """The preset's HMDM run chose its decoding temperature at the end (a saved decision); evaluate.py's
+    --choose-temperature makes the same choice for a run without one, and keeps a run's own."""
+    workdir, _ = hmdm_run
+    config, parts, state, metadata = run.load_run(workdir)
+    chosen = metadata["decisions"]["decoding_temperature"]
+    assert config.evaluation.choose_temperature and config.evaluation.temperature == chosen
+    data = evaluate.rebuild_data(config, workdir)
+    unchosen = config.replace(evaluation=dataclasses.replace(config.evaluation, temperature=None))
+    assert evaluate.choose_temperature(unchosen, parts, state, data).evaluation.temperature == chosen
+    assert evaluate.choose_temperature(config, parts, state, data) is config
 
 
 def test_decode_hmdm_ragged(hmdm_run, tmp_path):

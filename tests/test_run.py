@@ -15,7 +15,7 @@ import pytest
 
 from hmdm_jax import checkpoint, em, emission, models, run, warm_start
 from hmdm_jax import matching as am
-from hmdm_jax.run import batches, evaluation, hooks, presets
+from hmdm_jax.run import batches, evaluation, hooks, presets, restarts
 from hmdm_jax.run import config as rc
 from hmdm_jax.run import parts as rp
 from hmdm_jax.run.batches import TrainData
@@ -210,6 +210,41 @@ def test_band_and_temperature_chosen_after_warm_start_are_saved_and_resume_exact
     with pytest.raises(ValueError, match="band.choose"):
         run.train(no_starts, data, tmp_path / "restarts", progress=False)
     assert not (tmp_path / "restarts").exists()
+
+
+def test_decoding_temperature_is_chosen_at_the_end_on_held_out_training_sequences_saved_and_used(tmp_path):
+    """evaluation.choose_temperature: after the last step the run chooses the final decoding's temperature,
+    the argmax of the fit it logs, on the restarts' held-out training sequences; it is a saved decision, the
+    trained config decodes with it (the E-step's stays), a resumed run ends with the same one, and the
+    mixture (no chain) refuses the option."""
+    rng = np.random.default_rng(7)
+    labels = markov_labels(rng, 20, 6)
+    data = TrainData(blobs(rng, labels), labels, np.zeros(labels.shape, bool), np.ones(labels.shape, bool))
+    base = blob_config("hmdm", 8, 4, warm_start="kmeans", warm_start_steps=2, checkpoint_every=3)
+    config = base.replace(evaluation=dataclasses.replace(base.evaluation, choose_temperature=True, final_num_t=4),
+                          restarts=dataclasses.replace(base.restarts, count=2, heldout_fraction=0.2))
+    whole = run.train(config, data, tmp_path / "whole", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    (choice,) = [r for r in records if "decoding_temperature" in r]
+    assert choice["step"] == 8
+    assert choice["decoding_temperature"] == em.TEMPERATURE_GRID[int(np.argmax(choice["decoding_temperature_fit"]))]
+    assert whole.config.evaluation.temperature == choice["decoding_temperature"]
+    assert whole.config.em.temperature == config.em.temperature  # training's own is untouched
+    trained, parts, state, metadata = rp.load_run(tmp_path / "whole")
+    assert trained == whole.config and metadata["decisions"]["decoding_temperature"] == choice["decoding_temperature"]
+    # the fit is the one of the held-out split's sequences, scored as the final decoding scores them
+    heldout = restarts.split_sequences(config, data).heldout
+    tau, fits = evaluation.choose_decoding_temperature(trained, parts, state, heldout)
+    assert tau == choice["decoding_temperature"]
+    np.testing.assert_allclose(fits, choice["decoding_temperature_fit"], rtol=1e-5, atol=1e-5)
+    assert evaluation.decoding_config(trained, None, 4).temperature.final == tau
+
+    run.train(config, data, tmp_path / "split", progress=False, stop_after=3)
+    resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)
+    assert resumed.decisions["decoding_temperature"] == choice["decoding_temperature"]
+    with pytest.raises(ValueError, match="choose_temperature"):
+        run.train(config.replace(model_type="mixture", restarts=base.restarts), TrainData(data.images[:, 0],
+                  labels[:, 0], np.zeros(20, bool)), tmp_path / "mixture", progress=False)
 
 
 def test_warm_start_clusters_are_numbered_as_the_observed_labels():
@@ -448,8 +483,11 @@ def test_grid_elbo_decoding_is_untempered():
                                  em.frame_keys(jax.random.fold_in(key, 0), 8), K, estimator="elbo", num_t=8)
     expected = jax.nn.log_softmax(elbo + state.log_pi, axis=-1)
     np.testing.assert_allclose(out["log_posterior"], np.asarray(expected), rtol=1e-5, atol=1e-4)
-    assert evaluation.decoding_config(config.em, "elbo", 8).temperature.final == 1.0
-    assert evaluation.decoding_config(config.em, None, 8).temperature.final == 0.15  # the tempered training scorer
+    assert evaluation.decoding_config(config, "elbo", 8).temperature.final == 1.0
+    assert evaluation.decoding_config(config, None, 8).temperature.final == 0.15  # the tempered training scorer
+    chosen = config.with_decisions({"decoding_temperature": 0.02})
+    assert evaluation.decoding_config(chosen, None, 8).temperature.final == 0.02  # the decoding's own, when chosen
+    assert evaluation.decoding_config(chosen, "elbo", 8).temperature.final == 1.0  # a bound stays untempered
 
 
 @pytest.mark.parametrize("model_type", ["mixture", "hmdm"])

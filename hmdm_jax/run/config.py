@@ -220,6 +220,11 @@ class EvalConfig:
       final_estimator: the emission estimator of that decoding (None: the training one). A likelihood
         bound ("elbo") is decoded untempered.
       batch_size: sequences (or images) decoded per jitted call.
+      choose_temperature: HMDM: at the end of training, choose the final decoding's temperature by the
+        held-out likelihood the chain adds (:func:`hmdm.select_decoding_temperature`), on the restarts'
+        held-out training sequences (else on training sequences); recorded as
+        ``decisions["decoding_temperature"]``.
+      temperature: the final decoding's temperature (None: the E-step's); set by that choice.
     """
 
     every: int = 1000
@@ -227,6 +232,8 @@ class EvalConfig:
     final_num_t: int = 64
     final_estimator: str | None = None
     batch_size: int = 16
+    choose_temperature: bool = False
+    temperature: float | None = None
 
     def __post_init__(self):
         _check(self.final_estimator is None or self.final_estimator in emission.ESTIMATORS,
@@ -234,6 +241,8 @@ class EvalConfig:
                f"got {self.final_estimator!r}")
         _check(self.every >= 0 and self.num_t >= 1 and self.final_num_t >= 1 and self.batch_size >= 1,
                "evaluation.every >= 0, num_t, final_num_t and batch_size >= 1")
+        _check(self.temperature is None or self.temperature > 0,
+               f"evaluation.temperature must be None or > 0, got {self.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +291,9 @@ class RunConfig:
         _check(not self.reseed.check_moves or self.model_type == "hmdm",
                "reseed.check_moves compares the HMDM's chain with and without a move: the mixture has none "
                "(set reseed.check_moves=false)")
+        _check(not self.evaluation.choose_temperature or self.model_type == "hmdm",
+               "evaluation.choose_temperature balances the frames' evidence against the HMDM's chain: the mixture "
+               "has none (set evaluation.choose_temperature=false)")
         if self.restarts.active:
             _check(self.model_type == "hmdm" or self.restarts.criterion == "bound",
                    "the mixture's restarts are chosen by its bound: it has no chain (set restarts.criterion=bound)")
@@ -303,14 +315,19 @@ class RunConfig:
 
     def with_decisions(self, decisions: dict) -> "RunConfig":
         """This config with the loop hooks' decisions applied (``{"t_range": [lo, hi]}``, the band chosen
-        by ``band.choose``; ``{"temperature": τ}``, by ``band.temperature``): the config a run trains and
-        decodes with."""
+        by ``band.choose``; ``{"temperature": τ}``, by ``band.temperature``; ``{"decoding_temperature": τ}``, by
+        ``evaluation.choose_temperature``): the config a run trains and decodes with."""
         em_config = self.em
         if decisions.get("t_range") is not None:
             em_config = em_config.replace(scoring=dict(t_range=tuple(float(b) for b in decisions["t_range"])))
         if decisions.get("temperature") is not None:
             em_config = em_config.replace(temperature=dict(final=float(decisions["temperature"])))
-        return self if em_config == self.em else dataclasses.replace(self, em=em_config)
+        evaluation = self.evaluation
+        if decisions.get("decoding_temperature") is not None:
+            evaluation = dataclasses.replace(evaluation, temperature=float(decisions["decoding_temperature"]))
+        if em_config == self.em and evaluation == self.evaluation:
+            return self
+        return dataclasses.replace(self, em=em_config, evaluation=evaluation)
 
 
 def _from_dict(cls, d, path="config"):

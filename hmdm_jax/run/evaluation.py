@@ -7,6 +7,7 @@ another; a likelihood bound (``"elbo"``) is decoded untempered, as the model's o
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,7 +20,11 @@ from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.parts import RunParts, streams
 from hmdm_jax.state import TrainState
 
-__all__ = ["decoding_config", "evaluate", "final_decoding", "predict_states", "score_states"]
+__all__ = ["choose_decoding_temperature", "decoding_config", "evaluate", "final_decoding", "predict_states",
+           "score_states"]
+
+DECODING_FIT_SEQUENCES = 64  # at most this many sequences choose the final decoding's temperature
+DECODING_FIT_STREAM = 0xDEC0  # folded into the run's eval stream: the draws that choose it
 
 
 def final_decoding(config: RunConfig) -> tuple[str, int]:
@@ -27,12 +32,32 @@ def final_decoding(config: RunConfig) -> tuple[str, int]:
     return config.evaluation.final_estimator or config.em.scoring.estimator, config.evaluation.final_num_t
 
 
-def decoding_config(config: em.EMConfig, estimator: str | None = None, num_t: int | None = None) -> em.EMConfig:
-    """The E-step options ``config`` with the decoding estimator and t-draws; untempered for a bound."""
-    decode = em.evaluation_config(config, estimator, num_t)
+def decoding_config(config: RunConfig, estimator: str | None = None, num_t: int | None = None) -> em.EMConfig:
+    """The run's E-step options with the decoding estimator and t-draws, at ``evaluation.temperature`` when
+    set; untempered for a bound."""
+    decode = em.evaluation_config(config.em, estimator, num_t)
     if emission.get_estimator(decode.scoring.estimator).is_bound:
-        decode = decode.replace(temperature=em.Temperature(final=1.0))
+        return decode.replace(temperature=em.Temperature(final=1.0))
+    if config.evaluation.temperature is not None:
+        return decode.replace(temperature=em.Temperature(final=config.evaluation.temperature))
     return decode
+
+
+def choose_decoding_temperature(config: RunConfig, parts: RunParts, state: TrainState, sequences) -> tuple[float, np.ndarray]:
+    """The final decoding's temperature for an HMDM run, and the fit of every candidate (nats per frame):
+    :func:`hmdm.select_decoding_temperature` on the final decoding's own untempered scores (its estimator and
+    t-draws) of at most ``DECODING_FIT_SEQUENCES`` of ``sequences`` (:class:`~hmdm_jax.run.batches.TrainData`,
+    sequences none of the run's labels are read from), with the run's π and A. No labels."""
+    n = min(len(sequences.images), DECODING_FIT_SEQUENCES)
+    estimator, num_t = final_decoding(config)
+    untempered = config.replace(evaluation=dataclasses.replace(config.evaluation, temperature=1.0))
+    key = jax.random.fold_in(streams(config.seed).eval, DECODING_FIT_STREAM)
+    mask = sequences.mask[:n]
+    log_b = predict_states(untempered, parts, state, sequences.images[:n], mask, num_t=num_t, estimator=estimator,
+                           key=key)["log_emissions"]
+    temperature, fits = hmdm.select_decoding_temperature(jnp.asarray(log_b), jnp.asarray(mask), state.log_pi,
+                                                         state.log_A)
+    return temperature, np.asarray(fits)
 
 
 _DECODERS: dict = {}  # (model type, decoding options, eps_fn) -> jitted decoder
@@ -54,7 +79,7 @@ def predict_states(config: RunConfig, parts: RunParts, state: TrainState, images
       mixture: ``states [N]``, ``log_posterior [N, K]``.
     """
     sequences = config.model_type == "hmdm"
-    em_config = decoding_config(config.em, estimator, num_t)
+    em_config = decoding_config(config, estimator, num_t)
     key = streams(config.seed).eval if key is None else key
     batch_size = batch_size or config.evaluation.batch_size
     fn = _jitted(config.model_type, em_config, parts)

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hmdm_jax import checkpoint, parallel
-from hmdm_jax.run import restarts
+from hmdm_jax.run import evaluation, restarts
 from hmdm_jax.run.batches import Clamp, TrainData, check_data, describe_start, make_batch, phase_labels
 from hmdm_jax.run.config import RunConfig, WarmStartConfig
 from hmdm_jax.run.hooks import Hook, LoopState, RunContext, crossed, default_hooks
@@ -249,6 +249,14 @@ def train(
         finally:
             bar.close()
 
+    def choose_decoding(loop: LoopState) -> None:
+        """The decoding temperature, once the last step is reached and before that step's checkpoint (a saved
+        step is never rewritten); on the restarts' held-out sequences when there are restarts."""
+        if (config.evaluation.choose_temperature and loop.step >= config.loop.train_steps
+                and "decoding_temperature" not in loop.decisions):
+            sequences = (split or restarts.split_sequences(config, data)).heldout if config.restarts.active else data
+            loop.decisions = {**loop.decisions, **_choose_decoding_temperature(config, parts, loop, sequences, log)}
+
     start = loop.step
     end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps, start + stop_after)
     stopped_early = False
@@ -260,6 +268,7 @@ def train(
                     log({"stopped": "restarts"}, "stop requested during the restarts: no checkpoint yet, exiting")
                     return TrainResult(None, config, parts, {}, {}, True)
                 loop = chosen
+                choose_decoding(loop)
                 choice = loop.decisions["restarts"]
                 held = (f": its {choice['warm_start']} start held for all {loop.step} steps scores above every EM "
                         f"candidate by the model's held-out bound, so the run keeps the start rather than end below it"
@@ -273,9 +282,11 @@ def train(
                                                                              loop.step + stop_after)
 
             def save(loop: LoopState) -> None:
+                choose_decoding(loop)
                 ckpt.save(loop.train_state, step=loop.step, metadata=_metadata(loop))
 
             loop, stop = run_steps(ctx, loop, end, save)
+            choose_decoding(loop)  # a resumed run that had ended without the choice
             if stop:
                 log({"stopped": loop.step}, f"stop requested at step {loop.step}: checkpoint saved, exiting")
                 stopped_early = True
@@ -292,6 +303,21 @@ def train(
         ckpt.close()
     return TrainResult(loop.train_state, config.with_decisions(loop.decisions), parts, loop.evaluation,
                        loop.decisions, stopped_early)
+
+
+def _choose_decoding_temperature(config: RunConfig, parts: RunParts, loop: LoopState, sequences: TrainData,
+                                 log: Callable) -> dict:
+    """``{"decoding_temperature": τ}`` chosen on ``sequences``; logged."""
+    heldout = config.restarts.active
+    trained = config.with_decisions(loop.decisions)
+    temperature, fits = evaluation.choose_decoding_temperature(trained, parts, loop.train_state, sequences)
+    source = "held-out training" if heldout else "training"
+    estimator, num_t = evaluation.final_decoding(trained)
+    log({"decoding_temperature": temperature, "decoding_temperature_fit": [float(f) for f in fits]},
+        f"step {loop.step}: decoding temperature {temperature:.3g} ({estimator}, {num_t} t-draws; the E-step's is "
+        f"{trained.em.temperature.final:.3g}): the chain adds {float(fits.max()):.3f} nats per frame on "
+        f"{min(len(sequences.images), evaluation.DECODING_FIT_SEQUENCES)} {source} sequences")
+    return {"decoding_temperature": temperature}
 
 
 def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, data: TrainData, ctx: RunContext,

@@ -28,6 +28,8 @@ HMDM_RESEED = ReseedConfig(split_merge=True, copy_parent=True, check_moves=True)
 # one-draw scores are as noisy as that band, network and data make them, and a fixed temperature tuned for one
 # band is several times too sharp in another, which leaves a chain no room to correct a frame (RESULTS.md)
 SCORING_CHOSEN = BandConfig(choose=True, temperature=True)
+# HMDM's final decoding averages 64 t-draws, far less noisy than the E-step's one: its temperature is chosen
+# at the end by the held-out likelihood the chain adds (``evaluation.choose_temperature``), not the E-step's
 
 
 def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int, ...], **data) -> RunConfig:
@@ -62,7 +64,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
             # chain explains most of the held-out sequences kept: shorter candidates did not predict where a
             # run ends, and the whole bound ranks the networks' densities more than the states (RESULTS.md)
             return RunConfig(model_type, network, em_config, event_shape, loop=loop, reseed=HMDM_RESEED,
-                             restarts=_hmdm_restarts(data), band=SCORING_CHOSEN, data=record)
+                             restarts=_hmdm_restarts(data), band=SCORING_CHOSEN,
+                             evaluation=EvalConfig(choose_temperature=True), data=record)
         # The mixture: Ward's clusters (O(N²) memory) as the start, the label-free band choice, and
         # decoding by the grid ELBO, a classification by the model's own likelihood bound.
         fits_ward = data.get("num_images", 0) <= warm_start.MAX_WARD_FRAMES
@@ -84,7 +87,8 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
         # the null class on 10 % of frames, as classifier-free guidance needs (Ho & Salimans use 10–20 %)
         em_config = em_config.replace(labels=dict(dropout=0.1))
         return RunConfig(model_type, network, em_config, event_shape, optim=optim, loop=loop,
-                         reseed=HMDM_RESEED if sequences else ReseedConfig(), evaluation=EvalConfig(every=5000),
+                         reseed=HMDM_RESEED if sequences else ReseedConfig(),
+                         evaluation=EvalConfig(every=5000, choose_temperature=sequences),
                          data=record)
     raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
 
