@@ -203,14 +203,13 @@ def full_mapping(mapping, k: int) -> np.ndarray | None:
 
 
 def choose_temperature(config, parts, state, data: RunData):
-    """The run's config decoding at the temperature ``evaluation.choose_temperature`` would have chosen: on the
-    restarts' held-out training sequences (the same seeded split), else on the training sequences."""
+    """The run's config decoding at the temperature ``evaluation.choose_temperature`` would have chosen."""
     if config.model_type != "hmdm":
         common.fail("--choose-temperature balances the frames against the HMDM's chain: the mixture has none")
     if config.evaluation.temperature is not None:
         print(f"decoding temperature {config.evaluation.temperature:.3g}: the run's own choice", flush=True)
         return config
-    sequences = run.restarts.split_sequences(config, data.train).heldout if config.restarts.active else data.train
+    sequences = data.train
     temperature, fits = run.evaluation.choose_decoding_temperature(config, parts, state, sequences)
     print(f"decoding temperature {temperature:.3g} (the E-step's: {config.em.temperature.final:.3g}); the chain adds "
           f"{fits.max():.3f} nats per frame on {min(len(sequences.images), run.evaluation.DECODING_FIT_SEQUENCES)} "

@@ -15,7 +15,7 @@ import pytest
 
 from hmdm_jax import checkpoint, em, emission, models, run, warm_start
 from hmdm_jax import matching as am
-from hmdm_jax.run import batches, evaluation, hooks, presets, restarts
+from hmdm_jax.run import batches, evaluation, hooks, presets
 from hmdm_jax.run import config as rc
 from hmdm_jax.run import parts as rp
 from hmdm_jax.run.batches import TrainData
@@ -212,9 +212,9 @@ def test_band_and_temperature_chosen_after_warm_start_are_saved_and_resume_exact
     assert not (tmp_path / "restarts").exists()
 
 
-def test_decoding_temperature_is_chosen_at_the_end_on_held_out_training_sequences_saved_and_used(tmp_path):
+def test_decoding_temperature_is_chosen_at_the_end_on_training_sequences_saved_and_used(tmp_path):
     """evaluation.choose_temperature: after the last step the run chooses the final decoding's temperature,
-    the argmax of the fit it logs, on the restarts' held-out training sequences; it is a saved decision, the
+    the argmax of the fit it logs, on the training sequences (after restarts too); it is a saved decision, the
     trained config decodes with it (the E-step's stays), a resumed run ends with the same one, and the
     mixture (no chain) refuses the option."""
     rng = np.random.default_rng(7)
@@ -232,9 +232,8 @@ def test_decoding_temperature_is_chosen_at_the_end_on_held_out_training_sequence
     assert whole.config.em.temperature == config.em.temperature  # training's own is untouched
     trained, parts, state, metadata = rp.load_run(tmp_path / "whole")
     assert trained == whole.config and metadata["decisions"]["decoding_temperature"] == choice["decoding_temperature"]
-    # the fit is the one of the held-out split's sequences, scored as the final decoding scores them
-    heldout = restarts.split_sequences(config, data).heldout
-    tau, fits = evaluation.choose_decoding_temperature(trained, parts, state, heldout)
+    # the fit is the one of the training sequences, scored as the final decoding scores them
+    tau, fits = evaluation.choose_decoding_temperature(trained, parts, state, data)
     assert tau == choice["decoding_temperature"]
     np.testing.assert_allclose(fits, choice["decoding_temperature_fit"], rtol=1e-5, atol=1e-5)
     assert evaluation.decoding_config(trained, None, 4).temperature.final == tau

@@ -221,9 +221,8 @@ class EvalConfig:
         bound ("elbo") is decoded untempered.
       batch_size: sequences (or images) decoded per jitted call.
       choose_temperature: HMDM: at the end of training, choose the final decoding's temperature by the
-        held-out likelihood the chain adds (:func:`hmdm.select_decoding_temperature`), on the restarts'
-        held-out training sequences (else on training sequences); recorded as
-        ``decisions["decoding_temperature"]``.
+        likelihood the chain adds (:func:`hmdm.select_decoding_temperature`) on training sequences; recorded
+        as ``decisions["decoding_temperature"]``.
       temperature: the final decoding's temperature (None: the E-step's); set by that choice.
     """
 

@@ -23,7 +23,10 @@ from hmdm_jax.state import TrainState
 __all__ = ["choose_decoding_temperature", "decoding_config", "evaluate", "final_decoding", "predict_states",
            "score_states"]
 
-DECODING_FIT_SEQUENCES = 64  # at most this many sequences choose the final decoding's temperature
+# the training sequences that choose the final decoding's temperature: a fit of one parameter, whose top is flat
+# where the frames decide alone, so it needs many frames; the restarts' held-out tenth (20 sequences of the
+# main job) chose erratically (RESULTS.md, stop 33)
+DECODING_FIT_SEQUENCES = 128
 DECODING_FIT_STREAM = 0xDEC0  # folded into the run's eval stream: the draws that choose it
 
 
@@ -46,8 +49,8 @@ def decoding_config(config: RunConfig, estimator: str | None = None, num_t: int 
 def choose_decoding_temperature(config: RunConfig, parts: RunParts, state: TrainState, sequences) -> tuple[float, np.ndarray]:
     """The final decoding's temperature for an HMDM run, and the fit of every candidate (nats per frame):
     :func:`hmdm.select_decoding_temperature` on the final decoding's own untempered scores (its estimator and
-    t-draws) of at most ``DECODING_FIT_SEQUENCES`` of ``sequences`` (:class:`~hmdm_jax.run.batches.TrainData`,
-    sequences none of the run's labels are read from), with the run's π and A. No labels."""
+    t-draws) of the first ``DECODING_FIT_SEQUENCES`` of the training ``sequences``
+    (:class:`~hmdm_jax.run.batches.TrainData`; their labels are not read), with the run's π and A."""
     n = min(len(sequences.images), DECODING_FIT_SEQUENCES)
     estimator, num_t = final_decoding(config)
     untempered = config.replace(evaluation=dataclasses.replace(config.evaluation, temperature=1.0))

@@ -251,11 +251,10 @@ def train(
 
     def choose_decoding(loop: LoopState) -> None:
         """The decoding temperature, once the last step is reached and before that step's checkpoint (a saved
-        step is never rewritten); on the restarts' held-out sequences when there are restarts."""
+        step is never rewritten)."""
         if (config.evaluation.choose_temperature and loop.step >= config.loop.train_steps
                 and "decoding_temperature" not in loop.decisions):
-            sequences = (split or restarts.split_sequences(config, data)).heldout if config.restarts.active else data
-            loop.decisions = {**loop.decisions, **_choose_decoding_temperature(config, parts, loop, sequences, log)}
+            loop.decisions = {**loop.decisions, **_choose_decoding_temperature(config, parts, loop, data, log)}
 
     start = loop.step
     end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps, start + stop_after)
@@ -307,16 +306,14 @@ def train(
 
 def _choose_decoding_temperature(config: RunConfig, parts: RunParts, loop: LoopState, sequences: TrainData,
                                  log: Callable) -> dict:
-    """``{"decoding_temperature": τ}`` chosen on ``sequences``; logged."""
-    heldout = config.restarts.active
+    """``{"decoding_temperature": τ}`` chosen on the training ``sequences``; logged."""
     trained = config.with_decisions(loop.decisions)
     temperature, fits = evaluation.choose_decoding_temperature(trained, parts, loop.train_state, sequences)
-    source = "held-out training" if heldout else "training"
     estimator, num_t = evaluation.final_decoding(trained)
     log({"decoding_temperature": temperature, "decoding_temperature_fit": [float(f) for f in fits]},
         f"step {loop.step}: decoding temperature {temperature:.3g} ({estimator}, {num_t} t-draws; the E-step's is "
         f"{trained.em.temperature.final:.3g}): the chain adds {float(fits.max()):.3f} nats per frame on "
-        f"{min(len(sequences.images), evaluation.DECODING_FIT_SEQUENCES)} {source} sequences")
+        f"{min(len(sequences.images), evaluation.DECODING_FIT_SEQUENCES)} training sequences")
     return {"decoding_temperature": temperature}
 
 
