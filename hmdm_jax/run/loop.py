@@ -1,8 +1,9 @@
 """The one training loop, for both the mixture and HMDM.
 
 ``train`` runs jitted steps on deterministic batches (after the restarts, when the config has them), calls
-the hooks (evaluation, dead-state re-seeding, the band choice) after each, writes ``metrics.jsonl`` and Orbax checkpoints, resumes exactly, and stops
-cleanly on SIGTERM/Ctrl-C (checkpoint, then return). The step count lives on the host, so the loop never
+the hooks (evaluation, dead-state re-seeding, the band choice) after each, chooses HMDM's decoding
+temperature after the last (``evaluation.choose_temperature``), writes ``metrics.jsonl`` and Orbax
+checkpoints, resumes exactly, and stops cleanly on SIGTERM/Ctrl-C (checkpoint, then return). The step count lives on the host, so the loop never
 waits on the device to know where it is.
 """
 from __future__ import annotations
