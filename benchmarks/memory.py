@@ -1,12 +1,10 @@
-"""Per-frame memory of the HMDM train step for every shipped network config, from the compiled step.
+"""Per-frame memory of the HMDM train step for every network the run presets train, from the compiled step.
 
-For each preset of ``hmdm_jax.models.PRESET_NAMES`` the HMDM train step (``hmdm.make_train_step``,
-K = 10, the default ``eps_mse`` emission with num_t = 2 (the table was measured with it; the default is now
-num_t = 1, whose emission needs about half the per-frame memory, so the table is an upper bound) and no
-emission chunking, n = 30 frames per
-sequence) is lowered and compiled for two batch sizes (16 and 32 sequences: large enough that the
-peak grows linearly with the batch for every config), never run (the state and batch are abstract
-``jax.ShapeDtypeStruct``s, so nothing is allocated):
+For each row (by default every network of the ``cpu-small`` and ``gpu`` presets at the frame shapes they are
+used for, with the preset's own E-step: one-pass class heads, one t-draw) the HMDM train step
+(``hmdm.make_train_step``, K = 10, no emission chunking, n = 30 frames per sequence) is lowered and compiled
+for two batch sizes (16 and 32 sequences: large enough that the peak grows linearly with the batch for every
+config), never run (the state and batch are abstract ``jax.ShapeDtypeStruct``s, so nothing is allocated):
 
     jax.jit(step, donate_argnums=0).lower(state, batch, key).compile().memory_analysis()
 
@@ -15,14 +13,14 @@ loop ``run.parts.make_step`` does, so the new state reuses the old one's buffers
 per-frame memory is the difference between the two batch sizes divided by the difference in frames;
 the fixed part (parameters, EMA, Adam moments, workspace) is what is left at zero frames. From these,
 the largest batch that fits an accelerator of 16 GiB and 80 GiB with 10% headroom. Rows ``name@c``
-repeat a preset with ``EMConfig.scoring.chunk_size = c``: the emission pass (K · num_t network
-evaluations per frame, all live at once) is what dominates the per-frame memory of the U-Nets, and
-chunking it bounds that part.
+repeat a row with ``EMConfig.scoring.chunk_size = c``: the emission pass (num_t network evaluations per
+frame with one-pass heads, K · num_t with per-class conditioning, all live at once) is what dominates the
+per-frame memory of the U-Nets, and chunking it bounds that part.
 
 Measured on the CPU backend's compiled step: GPU/TPU compilers fuse, tile and pick convolution
 algorithms differently (and TPUs pad minor dimensions to 128), so their figures differ somewhat; treat
 the table as an estimate and check with ``memory_analysis()`` on the target device. Not a test:
-``.venv/bin/python benchmarks/memory.py`` (``--quick``: the two MLPs only).
+``.venv/bin/python benchmarks/memory.py`` (``--quick``: the ``cpu-small`` MLPs only).
 """
 from __future__ import annotations
 
@@ -100,23 +98,47 @@ def fit(per_frame: float, fixed: float, capacity_gib: float, length: int) -> tup
     return frames, frames // length
 
 
+# the networks the run presets train, each at the frame shape it is used for, with the preset's own E-step draws
+PRESET_ROWS = ("cpu-small:8x8x1", "cpu-small:28x28x1", "gpu:8x8x1", "gpu:28x28x1", "gpu:32x32x3")
+
+
 def parse_config(spec: str) -> tuple[str, str | None, int | None]:
     """``"name[+heads][@chunk]"`` -> (name, class heads or None, chunk): ``+multi_head`` sets
-    ``ModelConfig.class_heads``; ``@c`` scores the emission ``c`` frames per network call."""
+    ``ModelConfig.class_heads``; ``@c`` scores the emission ``c`` frames per network call. A name
+    ``"PRESET:HxWxC"`` is the network and E-step of that run preset at that frame shape."""
     spec, _, chunk = spec.partition("@")
     name, _, heads = spec.partition("+")
     return name, heads or None, int(chunk) if chunk else None
 
 
+def row_config(name: str, heads: str | None, chunk: int | None, num_classes: int) -> tuple[run.RunConfig, str]:
+    """The HMDM config measured for a row, and its label."""
+    if ":" in name:  # a run preset's own network and t-draws
+        preset, _, shape = name.partition(":")
+        config = run.preset(preset, "hmdm", num_classes, tuple(int(d) for d in shape.split("x")))
+        net = config.network
+        layout = (f"mlp width {net.mlp_width}" + (", input skip" if net.mlp_input_skip else "") if net.kind == "mlp"
+                  else f"unet width {net.base_width}")
+        label = f"`{preset}` {shape} ({layout}, {net.class_heads}, {config.em.scoring.num_t} t-draw)"
+    else:
+        config = run.preset("cpu-small", "hmdm", num_classes, event_shape_for(name))
+        config = dataclasses.replace(config, network=models.get_model_config(name),
+                                     em=config.em.replace(scoring=dict(num_t=2)))
+        label = name
+    if heads is not None:
+        config = dataclasses.replace(config, network=dataclasses.replace(config.network, class_heads=heads))
+        label += f", {heads}"
+    if chunk is not None:
+        config = dataclasses.replace(config, em=config.em.replace(scoring=dict(chunk_size=chunk)))
+        label += f", emission chunk {chunk}"
+    return config, label
+
+
 def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) -> dict:
-    """Per-frame and fixed bytes of the HMDM step with preset ``spec`` (see :func:`parse_config`),
-    from two compiled batch sizes."""
+    """Per-frame and fixed bytes of the HMDM step of row ``spec`` (see :func:`parse_config`), from two
+    compiled batch sizes."""
     name, heads, chunk = parse_config(spec)
-    config = run.preset("cpu-small", "hmdm", num_classes, event_shape_for(name))
-    em_config = config.em.replace(scoring=dict(chunk_size=chunk, num_t=2))
-    network = models.get_model_config(name)
-    network = network if heads is None else dataclasses.replace(network, class_heads=heads)
-    config = dataclasses.replace(config, network=network, em=em_config)
+    config, label = row_config(name, heads, chunk, num_classes)
     parts = run.build_parts(config)
     start = time.perf_counter()
     small, large = (step_bytes(config, parts, b, length) for b in batches)
@@ -126,7 +148,7 @@ def measure(spec: str, num_classes: int, length: int, batches: tuple[int, int]) 
     fixed = max(small["total"] - per_frame * batches[0] * length, small["alias"])
     params = models.param_shapes(parts.model, config.event_shape)
     return {
-        "name": (name if heads is None else f"{name}, {heads}") + ("" if chunk is None else f", emission chunk {chunk}"),
+        "name": label,
         "event": config.event_shape,
         "params": models.param_count(params), "per_frame": per_frame,
         "fixed": fixed, "small": small, "large": large, "seconds": time.perf_counter() - start,
@@ -162,15 +184,16 @@ def main():
              "parameter-sized buffers and does not grow with the batch, from 16 on every config is linear",
     )
     parser.add_argument(
-        "--configs", default=",".join(models.PRESET_NAMES + ("mnist28-unet@60", "cifar32-unet@60")),
-        help="comma-separated presets; name+multi_head sets the class heads; name@c scores the emission c "
-             "frames per network call "
-             "(EMConfig.scoring.chunk_size = c)",
+        "--configs", default=",".join(PRESET_ROWS),
+        help="comma-separated rows: PRESET:HxWxC is a run preset's own network and t-draws at that frame shape "
+             "(the default: every network the presets train); a network config name (models.PRESET_NAMES) is "
+             "measured at 2 t-draws; +multi_head sets the class heads; @c scores the emission c frames per "
+             "network call (EMConfig.scoring.chunk_size = c)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: the two MLP presets only")
+    parser.add_argument("--quick", action="store_true", help="smoke run: the cpu-small presets' MLPs only")
     args = parser.parse_args()
     if args.quick:
-        args.configs = "mlp-small,mlp"
+        args.configs = "cpu-small:8x8x1,cpu-small:28x28x1"
     batches = tuple(int(b) for b in args.batches.split(","))
     print(f"jax {jax.__version__}, backend {jax.devices()[0].platform}: HMDM train step, K = {args.classes}, "
           f"n = {args.length} frames per sequence, compiled at B = {batches[0]} and {batches[1]} sequences "
