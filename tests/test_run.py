@@ -486,7 +486,7 @@ def test_grid_elbo_decoding_is_untempered():
     assert evaluation.decoding_config(config, None, 8).temperature.final == 0.15  # the tempered training scorer
     chosen = config.with_decisions({"decoding_temperature": 0.02})
     assert evaluation.decoding_config(chosen, None, 8).temperature.final == 0.02  # the decoding's own, when chosen
-    assert evaluation.decoding_config(chosen, "elbo", 8).temperature.final == 1.0  # a bound stays untempered
+    assert evaluation.decoding_config(chosen, "elbo", 8).temperature.final == 0.02  # chosen for a bound too
 
 
 @pytest.mark.parametrize("model_type", ["mixture", "hmdm"])

@@ -223,7 +223,8 @@ class EvalConfig:
       choose_temperature: HMDM: at the end of training, choose the final decoding's temperature by the
         likelihood the chain adds (:func:`hmdm.select_decoding_temperature`) on training sequences; recorded
         as ``decisions["decoding_temperature"]``.
-      temperature: the final decoding's temperature (None: the E-step's); set by that choice.
+      temperature: the final decoding's temperature, for any estimator (None: the E-step's, or 1 for a
+        likelihood bound); set by that choice.
     """
 
     every: int = 1000

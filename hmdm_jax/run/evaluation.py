@@ -3,7 +3,8 @@ HMDM, the posterior mode for the mixture), then score them against whatever labe
 
 Decoding uses the EMA parameters and a jitted call per batch. The decoding estimator is the training one
 (tempered, as Viterbi needs a calibrated balance of emissions and log A) unless ``estimator`` names
-another; a likelihood bound (``"elbo"``) is decoded untempered, as the model's own bound.
+another; a likelihood bound (``"elbo"``) is decoded untempered, as the model's own bound. A temperature chosen
+for the final decoding (``evaluation.temperature``, HMDM's ``evaluation.choose_temperature``) overrides both.
 """
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ def final_decoding(config: RunConfig) -> tuple[str, int]:
 
 def decoding_config(config: RunConfig, estimator: str | None = None, num_t: int | None = None) -> em.EMConfig:
     """The run's E-step options with the decoding estimator and t-draws, at ``evaluation.temperature`` when
-    set; untempered for a bound."""
+    set (chosen for this decoding, whatever its estimator); otherwise untempered for a bound and at the
+    E-step's temperature for a score."""
     decode = em.evaluation_config(config.em, estimator, num_t)
-    if emission.get_estimator(decode.scoring.estimator).is_bound:
-        return decode.replace(temperature=em.Temperature(final=1.0))
     if config.evaluation.temperature is not None:
         return decode.replace(temperature=em.Temperature(final=config.evaluation.temperature))
+    if emission.get_estimator(decode.scoring.estimator).is_bound:
+        return decode.replace(temperature=em.Temperature(final=1.0))
     return decode
 
 
