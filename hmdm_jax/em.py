@@ -436,8 +436,8 @@ def select_t_range(
     return tuple(bands[int(jnp.argmax(scores))]), scores
 
 
-# 20 points per decade; up to 100 because 28×28 scores sum 784 values: HMDM's decoding on MNIST sequences chose the
-# old top, 10 (RESULTS.md, stop 33). The points up to 10 are those of the old grid, bit for bit.
+# 20 points per decade, wide enough for frames of many values, whose scores are sums over all of them (RESULTS.md,
+# stop 33); the points below 10 are the earlier grid's, bit for bit.
 TEMPERATURE_GRID = tuple(float(t) for t in np.geomspace(0.01, 100.0, 81))
 REFERENCE_DRAWS = 32  # t-draws of the model's own class decision that a calibrated E-step score predicts
 

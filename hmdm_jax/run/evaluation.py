@@ -25,8 +25,8 @@ __all__ = ["choose_decoding_temperature", "decoding_config", "evaluate", "final_
            "score_states"]
 
 # the training sequences that choose the final decoding's temperature: a fit of one parameter, whose top is flat
-# where the frames decide alone, so it needs many frames; the restarts' held-out tenth (20 sequences of the
-# main job) chose erratically (RESULTS.md, stop 33)
+# where the frames decide alone, so it needs many frames; the restarts' held-out share chose erratically
+# (RESULTS.md, stop 33)
 DECODING_FIT_SEQUENCES = 128
 DECODING_FIT_STREAM = 0xDEC0  # folded into the run's eval stream: the draws that choose it
 

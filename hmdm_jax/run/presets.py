@@ -28,7 +28,7 @@ HMDM_RESEED = ReseedConfig(split_merge=True, copy_parent=True, check_moves=True)
 # one-draw scores are as noisy as that band, network and data make them, and a fixed temperature tuned for one
 # band is several times too sharp in another, which leaves a chain no room to correct a frame (RESULTS.md)
 SCORING_CHOSEN = BandConfig(choose=True, temperature=True)
-# HMDM's final decoding averages 64 t-draws, far less noisy than the E-step's one: its temperature is chosen
+# HMDM's final decoding averages many t-draws, far less noisy than the E-step's one: its temperature is chosen
 # at the end by the held-out likelihood the chain adds (``evaluation.choose_temperature``), not the E-step's
 
 
