@@ -39,7 +39,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-__all__ = ["MIN_Z", "SplitMerge", "gaussian_log_densities", "gaussian_log_likelihood", "heldout_log_densities",
+__all__ = ["MIN_Z", "SplitMerge", "paired_z", "gaussian_log_densities", "gaussian_log_likelihood", "heldout_log_densities",
            "heldout_log_likelihood", "split_merge_move", "swap_costs"]
 
 MIN_FRAMES = 8  # a state with fewer frames is not split (2-means halves too small for a covariance)
@@ -215,7 +215,7 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
     best_loss = merge_loss(i, j)
     differences = np.concatenate([split_densities[split] - own[split],
                                   merged_densities(i, j) - np.concatenate([own[i], own[j]])])
-    z_score = _paired_z(differences)
+    z_score = paired_z(differences)
     if not (gains[split] > max(best_loss, 0.0) and z_score >= min_z):
         return None
     keep, free = (i, j) if len(members[i]) >= len(members[j]) else (j, i)
@@ -226,8 +226,9 @@ def split_merge_move(frames: np.ndarray, states: np.ndarray, num_classes: int, *
     return SplitMerge(split, (keep, free), float(gains[split]), best_loss, z_score, moved.astype(np.int32))
 
 
-def _paired_z(differences: np.ndarray) -> float:
-    """The net gain Σ d over its standard error √n·sd(d) (frames as independent draws); +inf without spread."""
+def paired_z(differences: np.ndarray) -> float:
+    """The net gain Σ d over its standard error √n·sd(d) (the d as independent draws); ±inf without spread
+    (−inf for a tie: no gain is no evidence)."""
     n, total = len(differences), float(differences.sum())
     spread = float(np.std(differences, ddof=1)) * np.sqrt(n) if n > 1 else 0.0
     if spread == 0.0:

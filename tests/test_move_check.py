@@ -1,7 +1,8 @@
-"""``reseed.check_moves``: a split–merge move is first tried. Two copies of the run train one re-seeding period
-on the same batches, with and without the move; the move is taken only when the chain's share of the HMDM
-bound on training sequences is at least as high with it. A move that loses leaves the run exactly as a run
-without moves, and no further move is tried; no move is tried where its trial would not fit in the run."""
+"""``reseed.check_moves``: a split–merge move, and a re-seeding, is first tried. Two copies of the run train one
+re-seeding period on the same batches, with and without the move; the move is taken only when the chain's share
+of the HMDM bound on training sequences is higher with it by ``reseed.trial_z`` standard errors (paired over the
+sequences). A move that loses leaves the run exactly as a run without moves, and no further move is tried; a
+re-seeding that loses makes states that used no longer dead; nothing is tried where its trial would not fit."""
 import dataclasses
 import json
 
@@ -48,7 +49,9 @@ def fake_moves(monkeypatch):
 
     def score(ctx, state):
         scored.append(jax.device_get(state))  # the loop donates the states it trains on
-        return float(control["score"](int(state.step), len(scored) % 2 == 0))
+        n = min(hooks.MOVE_CHECK_SEQUENCES, len(ctx.data.images))
+        per_frame = np.broadcast_to(control["score"](int(state.step), len(scored) % 2 == 0), (n,))
+        return per_frame * ctx.data.valid[:n].sum(axis=1)  # per sequence, summed over its frames
 
     monkeypatch.setattr(hooks, "split_merge_labels", propose)
     control = {"score": lambda step, with_move: 0.0, "scored": scored}
@@ -74,7 +77,7 @@ def test_a_move_that_loses_its_trial_is_not_taken_and_the_run_is_the_run_without
     assert len(calls) == 1 and result.decisions["moves_rejected"] == [4]
     (move,) = records(tmp_path / "moves", "split_merge")
     assert move["step"] == 4 and move["split_merge"]["trial"] == {"step": 8, "chain_without": 0.0, "chain_with": -1.0,
-                                                                  "taken": False}
+                                                                  "z": -np.inf, "taken": False}
     assert "clamped_until" not in move
     reference = run.train(without_moves(config), sequences(), tmp_path / "plain", progress=False)
     assert_same_state(result.state, reference.state)
@@ -87,7 +90,7 @@ def test_a_move_that_loses_its_trial_is_not_taken_and_the_run_is_the_run_without
 
 def test_a_move_that_wins_is_taken_as_tried_and_no_move_is_tried_too_late(tmp_path, fake_moves):
     calls, control = fake_moves
-    control["score"] = lambda step, with_move: 0.0  # a tie is taken
+    control["score"] = lambda step, with_move: float(with_move)
     config = checked_config(steps=14)
     result = run.train(config, sequences(), tmp_path, progress=False)
     # checks at 4, 8 (step + 2 clamped steps < 14; 12 + 2 is not); a trial must fit: 4 and 8, not 12
@@ -113,6 +116,23 @@ def test_a_run_stopped_after_a_move_resumes_bit_exact(tmp_path, fake_moves):
     assert_same_state(whole.state, resumed.state)
 
 
+def test_a_tie_or_a_gain_within_the_noise_is_not_taken(tmp_path, fake_moves):
+    calls, control = fake_moves
+    control["score"] = lambda step, with_move: 0.0
+    assert "moves_rejected" in run.train(checked_config(), sequences(), tmp_path / "tie", progress=False).decisions
+    # a mean gain of 0.05 nats per frame whose sequences scatter by ±1: z = 0.05 √16 ≈ 0.2 < 2
+    scatter = np.where(np.arange(16) % 2 == 0, 1.0, -1.0)
+    control["score"] = lambda step, with_move: 0.05 + scatter if with_move else np.zeros(16)
+    result = run.train(checked_config(), sequences(), tmp_path / "noise", progress=False)
+    (move,) = records(tmp_path / "noise", "split_merge")
+    assert move["split_merge"]["trial"]["chain_with"] == pytest.approx(0.05)
+    assert 0 < move["split_merge"]["trial"]["z"] < 1 and result.decisions["moves_rejected"] == [4]
+    # the same gain without the scatter is significant
+    control["score"] = lambda step, with_move: 0.05 * float(with_move) + 0.001 * scatter
+    result = run.train(checked_config(), sequences(), tmp_path / "gain", progress=False)
+    assert "moves_rejected" not in result.decisions
+
+
 def test_move_score_is_the_chain_share_on_the_first_training_sequences():
     data = sequences(n=40)
     config = checked_config()
@@ -123,7 +143,9 @@ def test_move_score_is_the_chain_share_on_the_first_training_sequences():
     first = TrainData(data.images[:n], data.labels[:n], data.observed[:n], data.mask[:n])
     key = jax.random.fold_in(rp.streams(0).heuristics, hooks.MOVE_STREAM)
     expected = run.restarts.heldout_scores(config, parts, state, first, key).chain
-    assert hooks.move_score(ctx, state) == pytest.approx(expected) and np.isfinite(expected)
+    per_sequence = hooks.move_score(ctx, state)
+    assert per_sequence.shape == (n,) and np.isfinite(expected)
+    assert per_sequence.sum() / first.mask.sum() == pytest.approx(expected)
 
 
 def test_check_moves_is_refused_for_the_mixture():
@@ -131,3 +153,55 @@ def test_check_moves_is_refused_for_the_mixture():
     bad = config.replace(reseed=dataclasses.replace(config.reseed, check_moves=True))
     with pytest.raises(ValueError, match="check_moves"):
         bad.check()
+
+
+@pytest.fixture
+def fake_scores(monkeypatch):
+    """``score(with_move)`` sets the chain share (nats per frame) of the copy trained with a move or without."""
+    control = {"score": lambda with_move: 0.0, "calls": 0}
+
+    def score(ctx, state):
+        control["calls"] += 1  # a trial scores the copy without the move, then the copy with it
+        n = min(hooks.MOVE_CHECK_SEQUENCES, len(ctx.data.images))
+        return np.full(n, control["score"](control["calls"] % 2 == 0)) * ctx.data.valid[:n].sum(axis=1)
+
+    monkeypatch.setattr(hooks, "move_score", score)
+    return control
+
+
+def reseed_config(steps=20, min_usage=1.0):
+    config = blob_config("hmdm", steps, 4, warm_start_steps=0)
+    # min_usage 1: a state used by fewer than 1/K of the frames counts as dead, and with a number of frames
+    # that K does not divide (reseed_data) one always is
+    return config.replace(reseed=rc.ReseedConfig(every=4, steps=2, min_usage=min_usage, check_moves=True,
+                                                 copy_parent=True))
+
+
+def reseed_data():
+    return sequences(length=7)
+
+
+def test_a_reseeding_that_loses_its_trial_makes_that_usage_legitimate_and_leaves_the_run_untouched(tmp_path,
+                                                                                                 fake_scores):
+    fake_scores["score"] = lambda with_move: -float(with_move)
+    result = run.train(reseed_config(), reseed_data(), tmp_path / "lost", progress=False)
+    tried = records(tmp_path / "lost", "reseed")
+    assert tried and all(len(r["reseed"]) == 1 and not r["trial"]["taken"] for r in tried)  # the least used alone
+    usages = [r["reseed"][0]["usage"] for r in tried]
+    # after each loss only a state used less than the refused one is dead
+    assert all(later < earlier for earlier, later in zip(usages, usages[1:]))
+    assert result.decisions["reseed_refused_usage"] == usages[-1]
+    assert not any("clamped_until" in r for r in tried)
+    reference = run.train(reseed_config(min_usage=0.0), reseed_data(), tmp_path / "plain", progress=False)
+    assert_same_state(result.state, reference.state)
+
+
+def test_a_reseeding_that_wins_is_clamped_and_none_is_tried_too_late(tmp_path, fake_scores):
+    fake_scores["score"] = lambda with_move: float(with_move)
+    result = run.train(reseed_config(steps=15), reseed_data(), tmp_path, progress=False)
+    tried = records(tmp_path, "reseed")
+    # checks at 4 and 8 fit a 4-step trial; at 12 the clamp fits (12 + 2 < 15) but the trial would end past 15
+    assert [r["step"] for r in tried] == [4, 8, 12]
+    assert [r["trial"]["taken"] for r in tried[:2]] == [True, True] and tried[2]["trial"] is None
+    assert [r.get("clamped_until") for r in tried] == [6, 10, None]
+    assert "reseed_refused_usage" not in result.decisions

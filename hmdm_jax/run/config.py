@@ -129,10 +129,13 @@ class ReseedConfig:
     :func:`hmdm_jax.moves.split_merge_move` (a state holding two clusters split, a pair sharing one merged)
     is clamped the same way when it gains by at least ``split_merge_z`` standard errors (its paired z-test
     over the frames involved; a smaller gain is the proxy's noise). ``every = 0`` disables both; ``num_t`` is the decoding's t-draws.
-    ``check_moves`` (HMDM): a move is first tried: two copies of the run train one period on the same
-    batches, with and without it, and the move is taken only if the chain's share of the bound on training
-    sequences is at least as high with it (:func:`hmdm_jax.run.hooks.try_move`); after a move loses, none is
-    tried again, and none where the trial would not fit in the run.
+    ``check_moves`` (HMDM): a move, and a re-seeding alike, is first tried: two copies of the run train one
+    period on the same batches, with and without it, and it is taken only if the chain's share of the bound on
+    training sequences is higher with it by at least ``trial_z`` standard errors (a paired test over the
+    sequences: :func:`hmdm_jax.run.hooks.try_move`). After a move loses, none is tried again; after a
+    re-seeding loses, no state at least as used as the one it would have re-seeded counts as dead again (a
+    legitimately rare state of an uneven chain, not an empty one). None is tried where the trial would not
+    fit in the run.
     ``copy_parent``: the state that takes a half starts from the class parameters of the state it splits
     (:func:`hmdm_jax.models.copy_class`), not from what it had learnt while dead or merged."""
 
@@ -143,6 +146,7 @@ class ReseedConfig:
     split_merge: bool = False
     split_merge_z: float = moves.MIN_Z
     check_moves: bool = False
+    trial_z: float = moves.MIN_Z
     copy_parent: bool = False
 
     def __post_init__(self):

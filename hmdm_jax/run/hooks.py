@@ -133,13 +133,14 @@ def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopStat
     return loop
 
 
-def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_usage: float, seed: int
-                   ) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_usage: float, seed: int,
+                   limit: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
     """Clamp labels that revive dead states, or None when every state is alive.
 
-    A state used by fewer than ``min_usage / K`` of the valid frames takes one of the two 2-means halves
-    (on the pixels) of the most used state's frames (the half without that state's first frame). Only the
-    reassigned frames and the observed labels are clamped; the rest stay free.
+    A state used by fewer than ``min_usage / K`` of the valid frames (the ``limit`` least used of them, when
+    given) takes one of the two 2-means halves (on the pixels) of the most used state's frames (the half
+    without that state's first frame). Only the reassigned frames and the observed labels are clamped; the
+    rest stay free.
 
     Args:
       states: the decoded states of the training data, shaped like ``data.labels``.
@@ -150,6 +151,7 @@ def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_us
     valid, clamped = data.valid, data.clamped
     usage = matching.class_usage(states[valid], num_classes)
     dead = [int(d) for d in np.flatnonzero(usage < min_usage / num_classes)]
+    dead = sorted(dead, key=lambda d: (usage[d], d))[:limit]
     if not dead:
         return None
     current = np.where(clamped >= 0, clamped, states)
@@ -196,8 +198,9 @@ def split_merge_labels(data: TrainData, states: np.ndarray, num_classes: int, se
 def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopState:
     """Every ``reseed.every`` steps after the warm start (while ``reseed.steps`` still fit in the run):
     decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps; with no dead
-    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains (and, with
-    ``reseed.check_moves``, wins its trial: :func:`try_move`)."""
+    state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains. With
+    ``reseed.check_moves`` (HMDM) either is first tried (:func:`try_move`): a re-seeding revives the least used
+    state alone, and once one loses, only states used less than that one count as dead."""
     config, r = ctx.config, ctx.config.reseed
     if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
             and loop.step + r.steps < config.loop.train_steps):
@@ -206,21 +209,36 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
     decoded = predict_states(trained, ctx.parts, loop.train_state, ctx.data.images, ctx.data.mask, num_t=r.num_t,
                              key=jax.random.fold_in(ctx.streams.heuristics, loop.step))
     states = decoded["states"]
-    revived = revived_labels(ctx.data, states, config.num_classes, r.min_usage, config.seed)
+    checked = r.check_moves and config.model_type == "hmdm"
+    # a re-seeding that lost its trial showed that a state this rare is real on this chain
+    min_usage = min(r.min_usage, config.num_classes * loop.decisions.get("reseed_refused_usage", 1.0))
+    revived = revived_labels(ctx.data, states, config.num_classes, min_usage, config.seed, limit=1 if checked else None)
     if revived is None:
         # the frames' own scores (HMDM) or posteriors (mixture) pick the pair to merge
         scores = decoded.get("log_emissions", decoded.get("log_posterior"))
         return _split_merge(ctx, loop, states, scores) if r.split_merge else loop
     labels, splits = revived
-    loop.clamp = Clamp(loop.step + r.steps, labels)
-    if r.copy_parent:
-        loop.train_state = copy_parents(loop.train_state, config.num_classes, splits)
     usage = matching.class_usage(states[ctx.data.valid], config.num_classes)
-    ctx.log({"reseed": [{"dead": d, "split": s, "usage": float(usage[d])} for d, s in splits],
-             "clamped_until": loop.clamp.until},
-            f"step {loop.step}: re-seeding dead states " + ", ".join(
-                f"{d} (usage {usage[d]:.3f}) from a half of {s}" for d, s in splits)
-            + f"; clamped until step {loop.clamp.until}")
+    record = {"reseed": [{"dead": d, "split": s, "usage": float(usage[d])} for d, s in splits]}
+    message = f"step {loop.step}: re-seeding dead states " + ", ".join(
+        f"{d} (usage {usage[d]:.3f}) from a half of {s}" for d, s in splits)
+    moved = copy_parents(loop.train_state, config.num_classes, splits) if r.copy_parent else loop.train_state
+    if checked:
+        if loop.step + r.every > config.loop.train_steps:
+            ctx.log(record | {"trial": None}, message + ": not tried, too late in the run for its trial")
+            return loop
+        trial = try_move(ctx, loop, labels, moved)
+        record["trial"] = trial
+        message += "; " + _trial_message(ctx, trial)
+        if not trial["taken"]:
+            refused = min(float(usage[d]) for d, _ in splits)
+            loop.decisions = {**loop.decisions, "reseed_refused_usage": refused}
+            ctx.log(record, message + f": not taken; from now on only states used by fewer than {refused:.3f} "
+                                      "of the frames count as dead")
+            return loop
+    loop.clamp = Clamp(loop.step + r.steps, labels)
+    loop.train_state = moved
+    ctx.log(record | {"clamped_until": loop.clamp.until}, message + f"; clamped until step {loop.clamp.until}")
     return loop
 
 
@@ -234,35 +252,47 @@ def copy_parents(state: TrainState, num_classes: int, pairs: list[tuple[int, int
     return state.replace(params=params, ema_params=ema)
 
 
-def move_score(ctx: RunContext, state: TrainState) -> float:
-    """The chain's share of the HMDM bound (:class:`restarts.Scores`, nats per frame) on the first
-    ``MOVE_CHECK_SEQUENCES`` training sequences, with the same ELBO draws at every call: the criterion that
-    ranks restarts by how well their states explain the sequences, here comparing a run before and after a move."""
+def move_score(ctx: RunContext, state: TrainState) -> np.ndarray:
+    """The chain's share of the HMDM bound (:class:`restarts.Scores`, nats summed over each sequence) on each of
+    the first ``MOVE_CHECK_SEQUENCES`` training sequences, with the same ELBO draws at every call: the
+    criterion that ranks restarts by how well their states explain the sequences, here comparing a run with
+    and without a move, sequence by sequence."""
     n = min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))
     check = TrainData(ctx.data.images[:n], ctx.data.labels[:n], ctx.data.observed[:n], ctx.data.valid[:n])
     key = jax.random.fold_in(ctx.streams.heuristics, MOVE_STREAM)
-    return restarts.heldout_scores(ctx.config, ctx.parts, state, check, key).chain
+    bound, framewise, _ = restarts.sequence_scores(ctx.config, ctx.parts, state, check, key)
+    return bound - framewise
 
 
-def try_move(ctx: RunContext, loop: LoopState, labels: np.ndarray, move: moves.SplitMerge) -> dict:
-    """Trial of a split–merge move before it is taken: two copies of the run train for one re-seeding period on
-    the same batches, one with the move (its clamp and, with ``reseed.copy_parent``, the parent's class
-    parameters) and one without. Returns the record of their chain shares of the bound (:func:`move_score`)
-    at the period's end and whether the move wins (``"taken"``: its share is at least the other's).
+def try_move(ctx: RunContext, loop: LoopState, labels: np.ndarray, moved: TrainState) -> dict:
+    """Trial of a move (a split–merge or a re-seeding) before it is taken: two copies of the run train for one
+    re-seeding period on the same batches, one from ``moved`` (the state as the move leaves it) with the
+    move's clamp ``labels``, one as the run stands. Returns the record of their chain shares of the bound
+    (:func:`move_score`, nats per frame) at the period's end, the paired z of the difference over the
+    sequences, and whether the move wins (``"taken"``: z ≥ ``reseed.trial_z``).
 
     The Gaussian proxy that proposes a move knows nothing of the diffusion model: on weak chains it split a
     digit's two styles and merged two digits the model told apart (RESULTS.md, stop 27). The trial compares
     the two runs at one step: checked against the score before the move instead, every move gained the
-    period's training and bad ones were kept (RESULTS.md, stop 28). A move that loses is not taken, so the
-    run goes on exactly as it would have without it."""
+    period's training and bad ones were kept (RESULTS.md, stop 28). A win must be significant: where the
+    chain carries little (a dense chain), moves and re-seedings that broke real states won by differences in
+    the third decimal. A move that loses is not taken, so the run goes on exactly as it would have without it."""
     r = ctx.config.reseed
     end = loop.step + r.every
     without = ctx.advance(ctx, loop.train_state, end, loop.clamp, loop.decisions)
-    with_move = ctx.advance(ctx, _moved_state(ctx, loop.train_state, move), end, Clamp(loop.step + r.steps, labels),
-                            loop.decisions)
+    with_move = ctx.advance(ctx, moved, end, Clamp(loop.step + r.steps, labels), loop.decisions)
     chain_without, chain_with = move_score(ctx, without), move_score(ctx, with_move)
-    return {"step": end, "chain_without": chain_without, "chain_with": chain_with,
-            "taken": bool(chain_with >= chain_without)}
+    frames = float(ctx.data.valid[:len(chain_with)].sum())
+    z = moves.paired_z(np.asarray(chain_with, np.float64) - np.asarray(chain_without, np.float64))
+    return {"step": end, "chain_without": float(np.sum(chain_without)) / frames,
+            "chain_with": float(np.sum(chain_with)) / frames, "z": float(z), "taken": bool(z >= r.trial_z)}
+
+
+def _trial_message(ctx: RunContext, trial: dict) -> str:
+    return (f"tried for {ctx.config.reseed.every} steps, the chain's share of the bound on "
+            f"{min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))} training sequences at step {trial['step']}: "
+            f"{trial['chain_with']:.3f} with it, {trial['chain_without']:.3f} without, nats per frame "
+            f"(z = {trial['z']:.1f}, {ctx.config.reseed.trial_z:g} needed)")
 
 
 def _moved_state(ctx: RunContext, state: TrainState, move: moves.SplitMerge) -> TrainState:
@@ -292,11 +322,9 @@ def _split_merge(ctx: RunContext, loop: LoopState, states: np.ndarray, scores: n
                f"{move.merge[1]} into {move.merge[0]} (loss {move.loss:.0f} nats; net gain {move.z:.1f} standard "
                f"errors), {move.merge[1]} taking the second half of {move.split}")
     if checked:
-        trial = try_move(ctx, loop, labels, move)
+        trial = try_move(ctx, loop, labels, _moved_state(ctx, loop.train_state, move))
         record["trial"] = trial
-        message += (f"; tried for {r.every} steps, the chain's share of the bound on "
-                    f"{min(MOVE_CHECK_SEQUENCES, len(ctx.data.images))} training sequences at step {trial['step']}: "
-                    f"{trial['chain_with']:.3f} with the move, {trial['chain_without']:.3f} without, nats per frame")
+        message += "; " + _trial_message(ctx, trial)
         if not trial["taken"]:
             loop.decisions = {**loop.decisions, "moves_rejected": [*loop.decisions.get("moves_rejected", []), loop.step]}
             ctx.log({"split_merge": record}, message + ": not taken; no more split-merge moves in this run")

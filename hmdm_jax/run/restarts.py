@@ -22,8 +22,8 @@ from hmdm_jax.run.config import HELD, RunConfig
 from hmdm_jax.run.parts import RunParts
 from hmdm_jax.state import TrainState
 
-__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "heldout_scores", "is_held", "split_sequences",
-           "stationary_log_distribution", "widen_clamp"]
+__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "heldout_scores", "is_held", "sequence_scores",
+           "split_sequences", "stationary_log_distribution", "widen_clamp"]
 
 SEED_STRIDE = 0x9E3779B1  # candidate r > 0 runs with seed + r * stride (mod 2**32): distinct, far apart streams
 BOUND_STREAM = 0xB0B0  # folded into the run's eval stream: the ELBO draws of the bound, one key for all candidates
@@ -121,6 +121,17 @@ def heldout_scores(config: RunConfig, parts: RunParts, state: TrainState, heldou
     """A candidate's :class:`Scores` on ``heldout`` (EMA parameters, the state's π and A, ``restarts.num_t``
     ELBO terms; not finite when the candidate diverged). Every candidate is scored with the same ``key``,
     so their differences are not the ELBO draws' noise, and both bounds use the same emissions."""
+    bound, framewise, frames = sequence_scores(config, parts, state, heldout, key)
+    total = max(int(frames.sum()), 1)
+    bound, framewise = bound.sum() / total, framewise.sum() / total
+    return Scores(float(bound), float(framewise), float(bound - framewise))
+
+
+def sequence_scores(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData, key: jax.Array
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sequence of ``data``: the HMDM bound and the frame-wise bound (nats, summed over the sequence's valid
+    frames, as in :class:`Scores`) and its number of valid frames; float64 arrays ``[num_sequences]``. A
+    paired comparison of two states scored with the same ``key`` reads its noise from their spread."""
     num_t = config.restarts.num_t
     cache_key = (id(parts.eps_fn), num_t)
     if cache_key not in _SCORERS:
@@ -131,21 +142,22 @@ def heldout_scores(config: RunConfig, parts: RunParts, state: TrainState, heldou
                                          log_pi.shape[0], estimator="elbo", num_t=num_t).reshape(batch, length, -1)
             forward = jax.vmap(hmm.forward_filter, (None, None, 0, 0))
             iid_A = jnp.broadcast_to(log_stationary, log_A.shape)  # every row the stationary distribution
-            return (forward(log_pi, log_A, elbo, mask).log_marginal.sum(),
-                    forward(log_stationary, iid_A, elbo, mask).log_marginal.sum())
+            return (forward(log_pi, log_A, elbo, mask).log_marginal,
+                    forward(log_stationary, iid_A, elbo, mask).log_marginal)
         _SCORERS[cache_key] = jax.jit(score)
     fn = _SCORERS[cache_key]
-    if heldout.mask is None:  # the mixture's images: sequences of one frame, whose bound is log Σ_k π_k b_k
-        heldout = TrainData(heldout.images[:, None], heldout.labels[:, None], heldout.observed[:, None],
-                            np.ones((len(heldout.images), 1), bool))
+    if data.mask is None:  # the mixture's images: sequences of one frame, whose bound is log Σ_k π_k b_k
+        data = TrainData(data.images[:, None], data.labels[:, None], data.observed[:, None],
+                         np.ones((len(data.images), 1), bool))
     log_stationary = stationary_log_distribution(state.log_A)
-    totals, batch = np.zeros(2), config.evaluation.batch_size
-    for start in range(0, len(heldout.images), batch):
+    bound, framewise, batch = [], [], config.evaluation.batch_size
+    for start in range(0, len(data.images), batch):
         sl = slice(start, start + batch)
-        totals += np.asarray(fn(state.ema_params, parts.schedule, state.log_pi, state.log_A, log_stationary,
-                                heldout.images[sl], heldout.mask[sl], jax.random.fold_in(key, start)), np.float64)
-    bound, framewise = totals / max(int(heldout.mask.sum()), 1)
-    return Scores(float(bound), float(framewise), float(bound - framewise))
+        b, f = fn(state.ema_params, parts.schedule, state.log_pi, state.log_A, log_stationary, data.images[sl],
+                  data.mask[sl], jax.random.fold_in(key, start))
+        bound.append(np.asarray(b, np.float64))
+        framewise.append(np.asarray(f, np.float64))
+    return np.concatenate(bound), np.concatenate(framewise), np.asarray(data.mask, bool).sum(axis=1).astype(np.float64)
 
 
 def widen_clamp(clamp: Clamp | None, train_index: np.ndarray, full_shape: tuple[int, ...]) -> Clamp | None:
