@@ -184,6 +184,12 @@ class EMConfig:
         the global batch's frames in expectation (the equipartition constraint of
         self-labelling clustering, Asano et al., 2020; Caron et al., 2020). It rules out the collapse of a
         sharp E-step into one or two classes. False (default): the model's own posterior, as the paper.
+      balance_loss: weight the ε-loss so that every class present in the global batch contributes the same
+        total weight (:func:`hmdm_jax.steps.class_balanced_weights`). Each class's own optimum is unchanged;
+        what changes is that a rare state's density is learnt as fast as a common one's, where the plain
+        loss trains it in proportion to its frames and a better-trained common state then takes the rare
+        one's ambiguous frames, and so on (a rich-get-richer drift on uneven chains). False (default): the
+        paper's loss, every frame weighted alike.
     """
 
     num_classes: int
@@ -192,6 +198,7 @@ class EMConfig:
     priors: Priors = Priors()
     labels: Labels = Labels()
     balance_classes: bool = False
+    balance_loss: bool = False
 
     def __post_init__(self):
         _check(isinstance(self.num_classes, int) and self.num_classes >= 1,

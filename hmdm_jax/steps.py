@@ -25,8 +25,8 @@ from hmdm_jax.em import EMConfig, EpsFn, TrainEpsFn, frame_keys, observed_label_
 from hmdm_jax.parallel import psum_if
 from hmdm_jax.state import TrainState
 
-__all__ = ["EStep", "EStepResult", "accumulate_counts", "denoising_loss", "denoising_step", "dirichlet_log_probs",
-           "end_epoch", "gradient_update", "m_step", "make_em_step"]
+__all__ = ["EStep", "EStepResult", "accumulate_counts", "class_balanced_weights", "denoising_loss", "denoising_step",
+           "dirichlet_log_probs", "end_epoch", "gradient_update", "m_step", "make_em_step"]
 
 Array = jax.Array
 # folded into the step's loss key for the dropout masks: the per-frame keys are fold_in(key, frame index),
@@ -76,6 +76,16 @@ def denoising_loss(
     pred = eps_fn(params, z_t, t, classes)
     per_frame = jnp.mean(jnp.square(eps - pred).reshape(y.shape[0], -1), axis=1)
     return jnp.sum(weights * per_frame) / jnp.maximum(normalizer, 1e-6)
+
+
+def class_balanced_weights(classes: Array, weights: Array, num_classes: int, axis_name: str | None = None) -> Array:
+    """``[B]`` frame weights under which every class present in the (global) batch has the same total weight,
+    and the total is that of ``weights``: w_i · W / (K_present · W_{x_i}), with W_k the weight of class k.
+    Padding (weight 0) stays 0. A class with one frame in the batch weighs as much as one with a hundred."""
+    per_class = psum_if(jax.ops.segment_sum(weights, classes, num_segments=num_classes), axis_name)
+    present = jnp.sum(per_class > 0)
+    share = jnp.where(per_class > 0, per_class, 1.0)[classes]
+    return weights * jnp.sum(per_class) / (jnp.maximum(present, 1) * share)
 
 
 def gradient_update(
@@ -246,6 +256,8 @@ def make_em_step(
     def train_step(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
         key_score, key_sample, key_loss, key_label = step_keys(config, key)
         e = e_step(config, eps_fn, state.params, schedule, state, batch, (key_score, key_sample), axis_name)
+        if config.balance_loss:
+            e = e._replace(weights=class_balanced_weights(e.classes, e.weights, config.num_classes, axis_name))
         step_before_update = state.step
         state, loss, supervised = denoising_step(
             state, eps_fn, schedule, optimizer, e.frames, e.classes, e.weights, key_loss,

@@ -119,6 +119,27 @@ def test_balanced_mixture_step_shares_the_batch_even_when_one_class_explains_eve
                              optimizer)
 
 
+def test_class_balanced_loss_is_the_mean_over_present_classes_of_each_class_mean_loss():
+    """``balance_loss``: classes 0 (three frames), 1 (one), 2 (one and a padding frame), 3 (absent)."""
+    classes = jnp.array([0, 0, 0, 1, 2, 2], jnp.int32)
+    weights = jnp.array([1, 1, 1, 1, 1, 0], jnp.float32)
+    balanced = steps.class_balanced_weights(classes, weights, 4)
+    np.testing.assert_allclose(balanced, [5 / 9, 5 / 9, 5 / 9, 5 / 3, 5 / 3, 0], rtol=1e-6)
+    schedule = diffusion.linear_schedule(200)
+    rng = np.random.default_rng(3)
+    y = jnp.asarray(blobs(rng, np.asarray(classes) % K))
+    params = jnp.asarray(CENTERS + 0.3)  # a wrong oracle: every frame has a loss of its own
+    eps_fn = oracle_eps_fn(schedule)
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    classes_k = classes % K
+    per_frame = np.array([float(steps.denoising_loss(eps_fn, params, schedule, y, classes_k, keys,
+                                                     jnp.eye(6)[i], jnp.float32(1.0))) for i in range(6)])
+    loss = steps.denoising_loss(eps_fn, params, schedule, y, classes_k, keys, balanced, jnp.sum(balanced))
+    expected = np.mean([per_frame[:3].mean(), per_frame[3], per_frame[4]])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - per_frame[:5].mean()) > 1e-3  # the plain loss differs
+
+
 def test_label_loss_is_the_weighted_cross_entropy_of_the_tempered_posterior_and_its_gradient_lowers_it():
     """em.label_loss equals α · mean over observed frames of −log softmax(tempered_log_emissions/τ + log π)[label]
     (one draw), ignores unknown labels, and a gradient step on the class means lowers it."""
