@@ -90,6 +90,7 @@ def test_zero_and_negative_flags_are_refused_not_replaced(cli, tmp_path, flags, 
     ("loop.batch_size=-4", "loop.batch_size must be >= 1, got -4"),
     ("loop.batch_size=500", "loop.batch_size 500 exceeds the 6 training sequences"),
     ("em.temprature=1", "unknown config field 'em.temprature'"),
+    ("reseed.trial_z=-1", "reseed.trial_z must be finite and >= 0, got -1.0"),
 ])
 def test_bad_config_values_are_one_line_errors_and_leave_no_workdir(cli, tmp_path, override, message):
     proc = cli("hmdm", "--workdir", tmp_path / "run", *TINY, override)

@@ -152,6 +152,7 @@ class ReseedConfig:
     def __post_init__(self):
         _check(self.every >= 0 and self.steps >= 0 and self.num_t >= 1, "reseed.every, steps >= 0 and num_t >= 1")
         _check(0.0 <= self.min_usage <= 1.0, "reseed.min_usage must be in [0, 1]")
+        _check(0.0 <= self.trial_z < float("inf"), f"reseed.trial_z must be finite and >= 0, got {self.trial_z}")
 
 
 @dataclasses.dataclass(frozen=True)
