@@ -205,3 +205,19 @@ def test_a_reseeding_that_wins_is_clamped_and_none_is_tried_too_late(tmp_path, f
     assert [r["trial"]["taken"] for r in tried[:2]] == [True, True] and tried[2]["trial"] is None
     assert [r.get("clamped_until") for r in tried] == [6, 10, None]
     assert "reseed_refused_usage" not in result.decisions
+
+
+def test_a_state_no_frame_decodes_to_is_reseeded_untried(tmp_path, fake_scores, monkeypatch):
+    fake_scores["score"] = lambda with_move: -float(with_move)  # any trial would lose
+    decode = hooks.predict_states
+
+    def without_state_2(*args, **kwargs):
+        decoded = decode(*args, **kwargs)
+        return {**decoded, "states": np.where(decoded["states"] == 2, 0, decoded["states"])}
+
+    monkeypatch.setattr(hooks, "predict_states", without_state_2)
+    result = run.train(reseed_config(steps=7), reseed_data(), tmp_path, progress=False)
+    (record,) = records(tmp_path, "reseed")
+    assert record["reseed"] == [{"dead": 2, "split": record["reseed"][0]["split"], "usage": 0.0}]
+    assert "trial" not in record and record["clamped_until"] == 6 and fake_scores["calls"] == 0
+    assert "reseed_refused_usage" not in result.decisions

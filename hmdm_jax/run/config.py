@@ -134,8 +134,8 @@ class ReseedConfig:
     training sequences is higher with it by at least ``trial_z`` standard errors (a paired test over the
     sequences: :func:`hmdm_jax.run.hooks.try_move`). After a move loses, none is tried again; after a
     re-seeding loses, no state at least as used as the one it would have re-seeded counts as dead again (a
-    legitimately rare state of an uneven chain, not an empty one). None is tried where the trial would not
-    fit in the run.
+    legitimately rare state of an uneven chain, not an empty one). A state that no frame decodes to is
+    re-seeded untried. Nothing is tried where the trial would not fit in the run.
     ``copy_parent``: the state that takes a half starts from the class parameters of the state it splits
     (:func:`hmdm_jax.models.copy_class`), not from what it had learnt while dead or merged."""
 

@@ -200,7 +200,8 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
     decode the training data and clamp :func:`revived_labels` for ``reseed.steps`` steps; with no dead
     state and ``reseed.split_merge``, :func:`split_merge_labels` instead when a move gains. With
     ``reseed.check_moves`` (HMDM) either is first tried (:func:`try_move`): a re-seeding revives the least used
-    state alone, and once one loses, only states used less than that one count as dead."""
+    state alone, and once one loses, only states used less than that one count as dead. A state no frame
+    decodes to is re-seeded untried."""
     config, r = ctx.config, ctx.config.reseed
     if not (crossed(prev_step, loop.step, r.every) and loop.step >= config.warm_start.steps
             and loop.step + r.steps < config.loop.train_steps):
@@ -223,7 +224,8 @@ def reseed_dead_states(ctx: RunContext, loop: LoopState, prev_step: int) -> Loop
     message = f"step {loop.step}: re-seeding dead states " + ", ".join(
         f"{d} (usage {usage[d]:.3f}) from a half of {s}" for d, s in splits)
     moved = copy_parents(loop.train_state, config.num_classes, splits) if r.copy_parent else loop.train_state
-    if checked:
+    # a state that no frame decodes to cannot be legitimately rare: the model without it has K − 1 states
+    if checked and any(usage[d] > 0 for d, _ in splits):
         if loop.step + r.every > config.loop.train_steps:
             ctx.log(record | {"trial": None}, message + ": not tried, too late in the run for its trial")
             return loop
