@@ -388,7 +388,7 @@ def test_em_options_are_grouped_and_a_config_of_another_layout_is_refused():
     fields this version does not have (the flat EMConfig of before) is an error, not silent defaults."""
     config = blob_config("hmdm", 10, 8)
     assert [f.name for f in dataclasses.fields(em.EMConfig)] == [
-        "num_classes", "scoring", "temperature", "priors", "labels", "balance_classes"]
+        "num_classes", "scoring", "temperature", "priors", "labels", "balance_classes", "balance_loss"]
     changed = config.em.replace(scoring=dict(num_t=3), priors=dict(sticky_count=2.0))
     assert changed.scoring == dataclasses.replace(config.em.scoring, num_t=3)
     assert changed.priors.sticky_count == 2.0 and changed.temperature == config.em.temperature
