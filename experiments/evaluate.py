@@ -203,18 +203,20 @@ def full_mapping(mapping, k: int) -> np.ndarray | None:
 
 
 def choose_temperature(config, parts, state, data: RunData):
-    """The run's config decoding at the temperature ``evaluation.choose_temperature`` would have chosen."""
+    """``(config, state)``: the run's config decoding at the temperature ``evaluation.choose_temperature`` would
+    have chosen, and its state with the chain refitted with it."""
     if config.model_type != "hmdm":
         common.fail("--choose-temperature balances the frames against the HMDM's chain: the mixture has none")
     if config.evaluation.temperature is not None:
         print(f"decoding temperature {config.evaluation.temperature:.3g}: the run's own choice", flush=True)
-        return config
+        return config, state
     sequences = data.train
-    temperature, fits = run.evaluation.choose_decoding_temperature(config, parts, state, sequences)
-    print(f"decoding temperature {temperature:.3g} (the E-step's: {config.em.temperature.final:.3g}); the chain adds "
-          f"{fits.max():.3f} nats per frame on {min(len(sequences.images), run.evaluation.DECODING_FIT_SEQUENCES)} "
-          f"sequences", flush=True)
-    return config.with_decisions({"decoding_temperature": temperature})
+    temperature, log_pi, log_A, fits = run.evaluation.choose_decoding(config, parts, state, sequences)
+    print(f"decoding temperature {temperature:.3g} (the E-step's: {config.em.temperature.final:.3g}), π and A refitted "
+          f"with it; the chain adds {fits.max():.3f} nats per frame on "
+          f"{min(len(sequences.images), run.evaluation.DECODING_FIT_SEQUENCES)} sequences", flush=True)
+    return (config.with_decisions({"decoding_temperature": temperature}),
+            state.replace(log_pi=np.asarray(log_pi, np.float32), log_A=np.asarray(log_A, np.float32)))
 
 
 def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tuple[dict, dict]:
@@ -571,7 +573,7 @@ def main(argv=None):
     data = rebuild_data(config, workdir)
     _check_event_shape(config, data, workdir)
     if args.choose_temperature:
-        config = choose_temperature(config, parts, state, data)
+        config, state = choose_temperature(config, parts, state, data)
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {
         "workdir": str(workdir), "model": config.model_type, "step": step, "num_classes": config.em.num_classes,

@@ -27,6 +27,7 @@ from hmdm_jax.em import (
     TEMPERATURE_GRID,
     EMConfig,
     EpsFn,
+    Priors,
     evaluation_config,
     frame_keys,
     TrainEpsFn,
@@ -34,11 +35,12 @@ from hmdm_jax.em import (
 )
 from hmdm_jax.parallel import pmean_if, psum_if
 from hmdm_jax.state import TrainState
-from hmdm_jax.steps import EStepResult, make_em_step
+from hmdm_jax.steps import EStepResult, dirichlet_log_probs, make_em_step
 
 __all__ = [
-    "decode", "DecodeResult", "decoding_temperature_fit", "log_likelihood_bound", "make_train_step", "sample_paths",
-    "select_decoding_temperature", "sequence_log_emissions",
+    "BAUM_WELCH_ITERATIONS", "decode", "DecodeResult", "DecodingFit", "decoding_fit", "log_likelihood_bound",
+    "make_train_step", "refit_chain", "sample_paths", "select_decoding", "sequence_log_emissions",
+    "tempered_log_densities",
 ]
 
 Array = jax.Array
@@ -209,49 +211,98 @@ def log_likelihood_bound(
     return jax.vmap(hmm.forward_filter, (None, None, 0, 0))(log_pi, log_A, elbo, mask).log_marginal
 
 
-def decoding_temperature_fit(
-    log_b: Array, mask: Array, log_pi: Array, log_A: Array, grid=TEMPERATURE_GRID,
-) -> Array:
-    """For each temperature τ of ``grid``: the log-likelihood per frame that the chain adds to sequences whose
-    frames are scored ``log_b``, when Viterbi decodes them with the emissions ``log_b / τ``.
+BAUM_WELCH_ITERATIONS = 20  # EM on (π, A) with the emissions fixed converges in a handful; 20 is cheap
+
+
+def tempered_log_densities(log_b: Array, mask: Array, temperature) -> Array:
+    """``[N, n, K]`` log q_τ(y | x) − log p(y) of frames scored ``log_b`` (untempered), at temperature τ.
 
     Tempered class scores define, for every τ, a proper class-conditional density of a frame,
     q_τ(y | x) = p(y) · softmax(log b(y) / τ)[x] / prior_τ(x), with prior_τ the mean of the tempered
-    posteriors over the valid frames (so ∫ q_τ(y | x) dy = 1). Under the HMM (π, A) with those emissions,
-    log p_τ(y_1..y_n) − Σ_l log p(y_l) is the forward algorithm over log softmax(log b / τ) − log prior_τ:
-    a held-out log-likelihood that can be compared across τ, with no labels. Too low a τ makes every
-    frame's decision final, and a frame the network gets wrong costs the chain a transition it deems
-    unlikely; too high a τ leaves the frames no evidence, and the value falls to 0 as τ → ∞.
+    posteriors over the valid frames (so ∫ q_τ(y | x) dy = 1): emissions whose HMM likelihoods can be
+    compared across τ. Padding frames get 0."""
+    num_frames = jnp.maximum(mask.sum(), 1)
+    log_post = jax.nn.log_softmax(log_b / temperature, axis=-1)
+    pooled = jnp.where(mask[..., None], log_post, -jnp.inf).reshape(-1, log_b.shape[-1])
+    log_prior = jax.nn.logsumexp(pooled, axis=0) - jnp.log(num_frames)
+    return jnp.where(mask[..., None], log_post - log_prior, 0.0)
 
-    The decoding averages many t-draws, so its scores are far less noisy than the E-step's one draw: the
-    E-step's temperature, calibrated for that one draw, leaves the decoding's emissions too soft, and a
-    learned A that is slightly off then outvotes frames the network classifies correctly.
+
+def refit_chain(priors: Priors, log_q: Array, mask: Array, log_pi: Array, log_A: Array,
+                iterations: int = BAUM_WELCH_ITERATIONS) -> tuple[Array, Array]:
+    """Baum–Welch on the chain with the emissions ``log_q [N, n, K]`` held fixed: ``iterations`` EM steps from
+    ``(log_pi, log_A)``, each the expected counts of every sequence (:func:`hmm.expected_counts`) and the
+    training's own M-step on them (``priors``: Dirichlet pseudo-counts; π only with ``learn_pi``, A only
+    with ``learn_A``). The likelihood of the sequences never decreases from one iteration to the next.
+
+    Training estimates π and A from paths sampled with the E-step's one noisy draw per frame; with the final
+    decoding's many-draw emissions the same EM gives the chain those emissions explain best."""
+
+    def body(_, chain):
+        lp, lA = chain
+        counts = jax.vmap(hmm.expected_counts, (None, None, 0, 0))(lp, lA, log_q, mask)
+        if priors.learn_pi:
+            lp = dirichlet_log_probs(counts.initial.sum(0), priors.pseudo_count)
+        if priors.learn_A:
+            lA = dirichlet_log_probs(counts.transitions.sum(0), priors.pseudo_count, priors.sticky_count)
+        return lp, lA
+
+    return jax.lax.fori_loop(0, iterations, body, (jnp.asarray(log_pi), jnp.asarray(log_A)))
+
+
+class DecodingFit(NamedTuple):
+    """For each temperature of a grid: the fit (nats per valid frame) and the chain it was reached with.
+
+    Attributes:
+      fits: ``[G]`` log p_τ(y_1..y_n) − Σ_l log p(y_l) per valid frame, under the chain below.
+      log_pi: ``[G, K]``; log_A: ``[G, K, K]``: the chain refitted at each τ (the given one without refit).
+    """
+
+    fits: Array
+    log_pi: Array
+    log_A: Array
+
+
+def decoding_fit(
+    log_b: Array, mask: Array, log_pi: Array, log_A: Array, priors: Priors | None = None, grid=TEMPERATURE_GRID,
+    iterations: int = BAUM_WELCH_ITERATIONS,
+) -> DecodingFit:
+    """For each temperature τ of ``grid``: the log-likelihood per frame that the chain adds to sequences whose
+    frames are scored ``log_b``, with the emissions :func:`tempered_log_densities` at τ, and with the chain
+    refitted to them (:func:`refit_chain`, from ``(log_pi, log_A)``; ``priors=None``: the given chain as is).
+
+    A held-out-style likelihood that can be compared across τ, with no labels. Too low a τ makes every frame's
+    decision final, and a frame the network gets wrong costs the chain a transition it deems unlikely; too high
+    a τ leaves the frames no evidence, and the value falls to 0 as τ → ∞. The decoding averages many t-draws,
+    so its scores are far less noisy than the E-step's one draw: the E-step's temperature leaves them too soft,
+    and the chain learned from the E-step's noisy paths is off where the frames are ambiguous; fitting τ and
+    the chain together to the decoding's own scores corrects both (RESULTS.md, stops 33–34).
 
     Args:
       log_b: ``[N, n, K]`` untempered class scores of the decoding (its estimator and t-draws).
       mask: ``[N, n]`` bool.
-      log_pi, log_A: the learned chain.
+      log_pi, log_A: the learned chain (the start of the refit).
+      priors: the training's M-step, or None for no refit.
       grid: candidate temperatures.
-
-    Returns:
-      ``[len(grid)]`` float32 nats per valid frame.
     """
     num_frames = jnp.maximum(mask.sum(), 1)
+    forward = jax.vmap(hmm.forward_filter, (None, None, 0, 0))
 
     def fit(temperature):
-        log_post = jax.nn.log_softmax(log_b / temperature, axis=-1)
-        pooled = jnp.where(mask[..., None], log_post, -jnp.inf).reshape(-1, log_b.shape[-1])
-        log_prior = jax.nn.logsumexp(pooled, axis=0) - jnp.log(num_frames)
-        log_q = jnp.where(mask[..., None], log_post - log_prior, 0.0)
-        forward = jax.vmap(hmm.forward_filter, (None, None, 0, 0))(log_pi, log_A, log_q, mask)
-        return forward.log_marginal.sum() / num_frames
+        log_q = tempered_log_densities(log_b, mask, temperature)
+        chain = (jnp.asarray(log_pi), jnp.asarray(log_A)) if priors is None else refit_chain(
+            priors, log_q, mask, log_pi, log_A, iterations)
+        return forward(*chain, log_q, mask).log_marginal.sum() / num_frames, *chain
 
-    return jax.lax.map(fit, jnp.asarray(grid, jnp.float32))
+    return DecodingFit(*jax.lax.map(fit, jnp.asarray(grid, jnp.float32)))
 
 
-def select_decoding_temperature(
-    log_b: Array, mask: Array, log_pi: Array, log_A: Array, grid=TEMPERATURE_GRID,
-) -> tuple[float, Array]:
-    """The temperature of ``grid`` with the highest :func:`decoding_temperature_fit`, and all the fits."""
-    fits = jax.jit(decoding_temperature_fit, static_argnames="grid")(log_b, mask, log_pi, log_A, grid=tuple(grid))
-    return float(grid[int(jnp.argmax(fits))]), fits
+def select_decoding(
+    log_b: Array, mask: Array, log_pi: Array, log_A: Array, priors: Priors | None = None, grid=TEMPERATURE_GRID,
+) -> tuple[float, Array, Array, Array]:
+    """``(τ, log_pi, log_A, fits)``: the temperature of ``grid`` with the highest :func:`decoding_fit`, the
+    chain fitted with it, and every τ's fit."""
+    result = jax.jit(decoding_fit, static_argnames=("priors", "grid", "iterations"))(
+        log_b, mask, log_pi, log_A, priors=priors, grid=tuple(float(g) for g in grid))
+    best = int(jnp.argmax(result.fits))
+    return float(grid[best]), result.log_pi[best], result.log_A[best], result.fits

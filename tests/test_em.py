@@ -311,8 +311,8 @@ def test_temperature_fit_is_the_log_likelihood_of_the_many_draw_decision_and_fol
     assert eight < one / 1.5, (one, eight)
 
 
-def test_decoding_temperature_fit_is_the_chain_log_likelihood_ratio_by_brute_force():
-    """decoding_temperature_fit against an enumeration of every state path: for each τ, Σ over sequences of
+def test_decoding_fit_is_the_chain_log_likelihood_ratio_by_brute_force():
+    """decoding_fit (no refit) against an enumeration of every state path: for each τ, Σ over sequences of
     log Σ_x π(x_1) Π A(x_l, x_l+1) Π softmax(log b_l / τ)[x_l] / prior_τ(x_l), per valid frame, with prior_τ
     the mean tempered posterior of the valid frames; padded frames count nowhere."""
     import itertools
@@ -322,9 +322,9 @@ def test_decoding_temperature_fit_is_the_chain_log_likelihood_ratio_by_brute_for
     mask = np.array([[True, True, True, True], [True, True, False, False]])
     log_pi = np.log(rng.dirichlet(np.ones(k)))
     log_A = np.log(rng.dirichlet(np.ones(k), size=k))
-    fits = np.asarray(hmdm.decoding_temperature_fit(jnp.asarray(log_b, jnp.float32), jnp.asarray(mask),
-                                                    jnp.asarray(log_pi, jnp.float32), jnp.asarray(log_A, jnp.float32),
-                                                    grid=grid))
+    fits = np.asarray(hmdm.decoding_fit(jnp.asarray(log_b, jnp.float32), jnp.asarray(mask),
+                                        jnp.asarray(log_pi, jnp.float32), jnp.asarray(log_A, jnp.float32),
+                                        grid=grid).fits)
     for tau, fit in zip(grid, fits):
         log_post = log_b / tau - np.logaddexp.reduce(log_b / tau, axis=-1, keepdims=True)
         log_prior = np.logaddexp.reduce(log_post[mask], axis=0) - np.log(mask.sum())
@@ -351,11 +351,48 @@ def test_decoding_temperature_recovers_the_scale_of_mis_scaled_exact_scores(scal
     log_b = jnp.asarray(scale * log_density, jnp.float32)
     mask = jnp.ones(states.shape, bool)
     log_pi, log_A = jnp.full((K,), -np.log(K)), jnp.log(jnp.asarray(STICKY_A, jnp.float32))
-    tau, fits = hmdm.select_decoding_temperature(log_b, mask, log_pi, log_A)
+    tau, _, _, fits = hmdm.select_decoding(log_b, mask, log_pi, log_A)
     assert scale / 1.3 < tau < scale * 1.3, (scale, tau)
     viterbi = jax.vmap(hmm.viterbi, (None, None, 0, 0))
     accuracy = lambda t: float(np.mean(np.asarray(viterbi(log_pi, log_A, log_b / t, mask).states) == states))
     assert accuracy(tau) > accuracy(1.0) + 0.01, (accuracy(tau), accuracy(1.0))
+
+
+def test_the_chain_refit_is_baum_welch_it_recovers_a_wrong_chain_and_is_chosen_with_the_temperature():
+    """Exact Gaussian log-densities of frames on the sticky chain, scaled by 3 (too sharp), decoded with a wrong
+    chain (uniform A): Baum–Welch with the emissions fixed never lowers the likelihood, brings A within
+    sampling error of the chain that generated the paths, and ``select_decoding`` finds τ and the chain together,
+    decoding better than the wrong chain at its own best τ."""
+    rng = np.random.default_rng(4)
+    spread = 0.6
+    states = markov_labels(rng, 200, 20)
+    y = blobs(rng, states, spread)
+    log_b = jnp.asarray(-3.0 * ((y[:, :, None, :] - CENTERS) ** 2).sum(-1) / (2 * spread**2), jnp.float32)
+    mask = jnp.ones(states.shape, bool)
+    log_pi, wrong_A = jnp.full((K,), -np.log(K)), jnp.full((K, K), -np.log(K))
+    priors = em.Priors(pseudo_count=1.0)
+    log_q = hmdm.tempered_log_densities(log_b, mask, 3.0)
+    forward = jax.vmap(hmm.forward_filter, (None, None, 0, 0))
+    likelihoods = [float(forward(*hmdm.refit_chain(priors, log_q, mask, log_pi, wrong_A, i), log_q, mask)
+                         .log_marginal.sum()) for i in range(6)]
+    assert all(b >= a - 1e-2 for a, b in zip(likelihoods, likelihoods[1:])) and likelihoods[-1] > likelihoods[0] + 100
+    _, refit_A = hmdm.refit_chain(priors, log_q, mask, log_pi, wrong_A)
+    pairs = np.stack([states[:, :-1].ravel(), states[:, 1:].ravel()])
+    empirical = np.zeros((K, K))
+    np.add.at(empirical, tuple(pairs), 1)
+    empirical /= empirical.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.exp(refit_A), empirical, atol=0.04)
+    # π is not learnt under the default priors, and A not when learn_A is off
+    fixed_pi, fixed_A = hmdm.refit_chain(em.Priors(learn_A=False), log_q, mask, log_pi, wrong_A)
+    np.testing.assert_array_equal(fixed_A, wrong_A)
+    np.testing.assert_array_equal(fixed_pi, log_pi)
+    tau, chosen_pi, chosen_A, fits = hmdm.select_decoding(log_b, mask, log_pi, wrong_A, priors)
+    tau_wrong, _, _, fits_wrong = hmdm.select_decoding(log_b, mask, log_pi, wrong_A)
+    assert 3.0 / 1.3 < tau < 3.0 * 1.3 and fits.max() > fits_wrong.max()
+    np.testing.assert_allclose(np.exp(chosen_A), empirical, atol=0.04)
+    viterbi = jax.vmap(hmm.viterbi, (None, None, 0, 0))
+    accuracy = lambda A, t: float(np.mean(np.asarray(viterbi(log_pi, A, log_b / t, mask).states) == states))
+    assert accuracy(chosen_A, tau) > accuracy(wrong_A, tau_wrong) + 0.01
 
 
 def test_band_agreement_is_one_draw_accuracy_and_selects_the_informative_band():

@@ -106,17 +106,23 @@ def test_evaluate_hmdm(hmdm_run):
     assert ev["accuracy"]["accuracy"] == acc["accuracy"]
 
 
-def test_evaluate_choose_temperature_reproduces_the_choice_the_run_made_at_its_end(hmdm_run):
-    """The preset's HMDM run chose its decoding temperature at the end (a saved decision); evaluate.py's
-    --choose-temperature makes the same choice for a run without one, and keeps a run's own."""
+def test_evaluate_choose_temperature_is_the_runs_own_choice_for_a_run_without_one(hmdm_run):
+    """The preset's HMDM run chose its decoding temperature and refitted its chain at the end (a saved decision);
+    evaluate.py's --choose-temperature keeps a run's own, and for a run without one makes the choice the run
+    makes (``run.evaluation.choose_decoding``), its chain included."""
     workdir, _ = hmdm_run
     config, parts, state, metadata = run.load_run(workdir)
     chosen = metadata["decisions"]["decoding_temperature"]
     assert config.evaluation.choose_temperature and config.evaluation.temperature == chosen
     data = evaluate.rebuild_data(config, workdir)
+    kept_config, kept_state = evaluate.choose_temperature(config, parts, state, data)
+    assert kept_config is config and kept_state is state
     unchosen = config.replace(evaluation=dataclasses.replace(config.evaluation, temperature=None))
-    assert evaluate.choose_temperature(unchosen, parts, state, data).evaluation.temperature == chosen
-    assert evaluate.choose_temperature(config, parts, state, data) is config
+    tau, log_pi, log_A, _ = run.evaluation.choose_decoding(unchosen, parts, state, data.train)
+    new_config, new_state = evaluate.choose_temperature(unchosen, parts, state, data)
+    assert new_config.evaluation.temperature == tau
+    np.testing.assert_allclose(new_state.log_A, log_A, atol=1e-6)
+    np.testing.assert_allclose(new_state.log_pi, log_pi, atol=1e-6)
 
 
 def test_decode_hmdm_ragged(hmdm_run, tmp_path):

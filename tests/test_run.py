@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmdm_jax import checkpoint, em, emission, models, run, warm_start
+from hmdm_jax import checkpoint, em, emission, hmdm, models, run, warm_start
 from hmdm_jax import matching as am
 from hmdm_jax.run import batches, evaluation, hooks, presets
 from hmdm_jax.run import config as rc
@@ -232,15 +232,22 @@ def test_decoding_temperature_is_chosen_at_the_end_on_training_sequences_saved_a
     assert whole.config.em.temperature == config.em.temperature  # training's own is untouched
     trained, parts, state, metadata = rp.load_run(tmp_path / "whole")
     assert trained == whole.config and metadata["decisions"]["decoding_temperature"] == choice["decoding_temperature"]
-    # the fit is the one of the training sequences, scored as the final decoding scores them
-    tau, fits = evaluation.choose_decoding_temperature(trained, parts, state, data)
-    assert tau == choice["decoding_temperature"]
-    np.testing.assert_allclose(fits, choice["decoding_temperature_fit"], rtol=1e-5, atol=1e-5)
+    # the fit is the one of the training sequences, scored as the final decoding scores them, and the saved
+    # chain is the one refitted at the chosen τ: with it, unrefitted, that τ's fit is the logged maximum
+    tau = choice["decoding_temperature"]
+    untempered = trained.replace(evaluation=dataclasses.replace(trained.evaluation, temperature=1.0))
+    log_b = evaluation.predict_states(untempered, parts, state, data.images, data.mask, num_t=4,
+                                      key=jax.random.fold_in(rp.streams(config.seed).eval,
+                                                             evaluation.DECODING_FIT_STREAM))["log_emissions"]
+    (fit,) = hmdm.decoding_fit(jnp.asarray(log_b), jnp.asarray(data.mask), state.log_pi, state.log_A, grid=(tau,)).fits
+    assert float(fit) == pytest.approx(max(choice["decoding_temperature_fit"]), abs=1e-4)
+    assert choice["refit_A_change"] > 0  # the chain learned in training was refitted
     assert evaluation.decoding_config(trained, None, 4).temperature.final == tau
 
     run.train(config, data, tmp_path / "split", progress=False, stop_after=3)
     resumed = run.train(config, data, tmp_path / "split", progress=False, resume=True)
     assert resumed.decisions["decoding_temperature"] == choice["decoding_temperature"]
+    np.testing.assert_array_equal(np.asarray(resumed.state.log_A), np.asarray(state.log_A))
     with pytest.raises(ValueError, match="choose_temperature"):
         run.train(config.replace(model_type="mixture", restarts=base.restarts), TrainData(data.images[:, 0],
                   labels[:, 0], np.zeros(20, bool)), tmp_path / "mixture", progress=False)

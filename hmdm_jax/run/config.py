@@ -225,9 +225,10 @@ class EvalConfig:
       final_estimator: the emission estimator of that decoding (None: the training one). A likelihood
         bound ("elbo") is decoded untempered.
       batch_size: sequences (or images) decoded per jitted call.
-      choose_temperature: HMDM: at the end of training, choose the final decoding's temperature by the
-        likelihood the chain adds (:func:`hmdm.select_decoding_temperature`) on training sequences; recorded
-        as ``decisions["decoding_temperature"]``.
+      choose_temperature: HMDM: at the end of training, choose the final decoding's temperature, together
+        with π and A refitted to the decoding's emissions at that temperature (Baum–Welch, the training's
+        priors), by the likelihood the chain adds (:func:`hmdm.select_decoding`) on training sequences; the
+        temperature is recorded as ``decisions["decoding_temperature"]``, the chain replaces the state's.
       temperature: the final decoding's temperature, for any estimator (None: the E-step's, or 1 for a
         likelihood bound); set by that choice.
     """

@@ -21,7 +21,7 @@ from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.parts import RunParts, streams
 from hmdm_jax.state import TrainState
 
-__all__ = ["choose_decoding_temperature", "decoding_config", "evaluate", "final_decoding", "predict_states",
+__all__ = ["choose_decoding", "decoding_config", "evaluate", "final_decoding", "predict_states",
            "score_states"]
 
 # the training sequences that choose the final decoding's temperature: a fit of one parameter, whose top is flat
@@ -48,11 +48,13 @@ def decoding_config(config: RunConfig, estimator: str | None = None, num_t: int 
     return decode
 
 
-def choose_decoding_temperature(config: RunConfig, parts: RunParts, state: TrainState, sequences) -> tuple[float, np.ndarray]:
-    """The final decoding's temperature for an HMDM run, and the fit of every candidate (nats per frame):
-    :func:`hmdm.select_decoding_temperature` on the final decoding's own untempered scores (its estimator and
-    t-draws) of the first ``DECODING_FIT_SEQUENCES`` of the training ``sequences``
-    (:class:`~hmdm_jax.run.batches.TrainData`; their labels are not read), with the run's π and A."""
+def choose_decoding(config: RunConfig, parts: RunParts, state: TrainState, sequences
+                    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """The final decoding of an HMDM run: ``(τ, log_pi, log_A, fits)``, the temperature and the chain refitted
+    with it (:func:`hmdm.select_decoding` with the run's M-step priors), and the fit of every candidate τ
+    (nats per frame). Fitted on the final decoding's own untempered scores (its estimator and t-draws) of the
+    first ``DECODING_FIT_SEQUENCES`` of the training ``sequences`` (:class:`~hmdm_jax.run.batches.TrainData`;
+    their labels are not read), starting from the run's π and A."""
     n = min(len(sequences.images), DECODING_FIT_SEQUENCES)
     estimator, num_t = final_decoding(config)
     untempered = config.replace(evaluation=dataclasses.replace(config.evaluation, temperature=1.0))
@@ -60,9 +62,9 @@ def choose_decoding_temperature(config: RunConfig, parts: RunParts, state: Train
     mask = sequences.mask[:n]
     log_b = predict_states(untempered, parts, state, sequences.images[:n], mask, num_t=num_t, estimator=estimator,
                            key=key)["log_emissions"]
-    temperature, fits = hmdm.select_decoding_temperature(jnp.asarray(log_b), jnp.asarray(mask), state.log_pi,
-                                                         state.log_A)
-    return temperature, np.asarray(fits)
+    temperature, log_pi, log_A, fits = hmdm.select_decoding(jnp.asarray(log_b), jnp.asarray(mask), state.log_pi,
+                                                            state.log_A, config.em.priors)
+    return temperature, np.asarray(log_pi), np.asarray(log_A), np.asarray(fits)
 
 
 _DECODERS: dict = {}  # (model type, decoding options, eps_fn) -> jitted decoder

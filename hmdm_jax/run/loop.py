@@ -251,11 +251,11 @@ def train(
             bar.close()
 
     def choose_decoding(loop: LoopState) -> None:
-        """The decoding temperature, once the last step is reached and before that step's checkpoint (a saved
-        step is never rewritten)."""
+        """The decoding temperature and the chain refitted with it, once the last step is reached and before that
+        step's checkpoint (a saved step is never rewritten; training never continues from the refitted chain)."""
         if (config.evaluation.choose_temperature and loop.step >= config.loop.train_steps
                 and "decoding_temperature" not in loop.decisions):
-            loop.decisions = {**loop.decisions, **_choose_decoding_temperature(config, parts, loop, data, log)}
+            loop.decisions = {**loop.decisions, **_choose_decoding(config, parts, loop, data, log)}
 
     start = loop.step
     end = config.loop.train_steps if stop_after is None else min(config.loop.train_steps, start + stop_after)
@@ -305,15 +305,23 @@ def train(
                        loop.decisions, stopped_early)
 
 
-def _choose_decoding_temperature(config: RunConfig, parts: RunParts, loop: LoopState, sequences: TrainData,
-                                 log: Callable) -> dict:
-    """``{"decoding_temperature": τ}`` chosen on the training ``sequences``; logged."""
+def _choose_decoding(config: RunConfig, parts: RunParts, loop: LoopState, sequences: TrainData, log: Callable) -> dict:
+    """``{"decoding_temperature": τ}`` chosen on the training ``sequences``, with ``loop``'s π and A replaced by
+    the chain refitted with it (the final M-step of the chain on the decoding's emissions); logged."""
     trained = config.with_decisions(loop.decisions)
-    temperature, fits = evaluation.choose_decoding_temperature(trained, parts, loop.train_state, sequences)
+    state = loop.train_state
+    temperature, log_pi, log_A, fits = evaluation.choose_decoding(trained, parts, state, sequences)
+    change = float(np.abs(np.exp(log_A) - np.exp(np.asarray(state.log_A))).mean())
+    # placed as the arrays they replace (replicated under several devices)
+    loop.train_state = state.replace(
+        log_pi=jax.device_put(np.asarray(log_pi, state.log_pi.dtype), state.log_pi.sharding),
+        log_A=jax.device_put(np.asarray(log_A, state.log_A.dtype), state.log_A.sharding))
     estimator, num_t = evaluation.final_decoding(trained)
-    log({"decoding_temperature": temperature, "decoding_temperature_fit": [float(f) for f in fits]},
+    log({"decoding_temperature": temperature, "decoding_temperature_fit": [float(f) for f in fits],
+         "refit_A_change": change},
         f"step {loop.step}: decoding temperature {temperature:.3g} ({estimator}, {num_t} t-draws; the E-step's is "
-        f"{trained.em.temperature.final:.3g}): the chain adds {float(fits.max()):.3f} nats per frame on "
+        f"{trained.em.temperature.final:.3g}), with π and A refitted to those emissions (A moves by {change:.4f} "
+        f"per entry): the chain adds {float(fits.max()):.3f} nats per frame on "
         f"{min(len(sequences.images), evaluation.DECODING_FIT_SEQUENCES)} training sequences")
     return {"decoding_temperature": temperature}
 
