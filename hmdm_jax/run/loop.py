@@ -252,7 +252,7 @@ def train(
 
     def choose_decoding(loop: LoopState) -> None:
         """The decoding temperature and the chain refitted with it, once the last step is reached and before that
-        step's checkpoint (a saved step is never rewritten; training never continues from the refitted chain)."""
+        step's checkpoint (a saved step is never rewritten, and no training step follows the refit in this run)."""
         if (config.evaluation.choose_temperature and loop.step >= config.loop.train_steps
                 and "decoding_temperature" not in loop.decisions):
             loop.decisions = {**loop.decisions, **_choose_decoding(config, parts, loop, data, log)}
