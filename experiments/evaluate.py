@@ -216,7 +216,7 @@ def choose_temperature(config, parts, state, data: RunData):
           f"with it; the chain adds {fits.max():.3f} nats per frame on "
           f"{min(len(sequences.images), run.evaluation.DECODING_FIT_SEQUENCES)} sequences", flush=True)
     return (config.with_decisions({"decoding_temperature": temperature}),
-            state.replace(log_pi=np.asarray(log_pi, np.float32), log_A=np.asarray(log_A, np.float32)))
+            run.evaluation.with_chain(state, log_pi, log_A))
 
 
 def accuracy_section(args, config, parts, state, metadata, data: RunData) -> tuple[dict, dict]:

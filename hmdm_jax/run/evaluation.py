@@ -21,8 +21,8 @@ from hmdm_jax.run.config import RunConfig
 from hmdm_jax.run.parts import RunParts, streams
 from hmdm_jax.state import TrainState
 
-__all__ = ["choose_decoding", "decoding_config", "evaluate", "final_decoding", "predict_states",
-           "score_states"]
+__all__ = ["choose_decoding", "decoding_config", "evaluate", "final_decoding", "predict_states", "score_states",
+           "with_chain"]
 
 # the training sequences that choose the final decoding's temperature: a fit of one parameter, whose top is flat
 # where the frames decide alone, so it needs many frames; the restarts' held-out share chose erratically
@@ -65,6 +65,13 @@ def choose_decoding(config: RunConfig, parts: RunParts, state: TrainState, seque
     temperature, log_pi, log_A, fits = hmdm.select_decoding(jnp.asarray(log_b), jnp.asarray(mask), state.log_pi,
                                                             state.log_A, config.em.priors)
     return temperature, np.asarray(log_pi), np.asarray(log_A), np.asarray(fits)
+
+
+def with_chain(state: TrainState, log_pi, log_A) -> TrainState:
+    """``state`` with π and A replaced (the chain :func:`choose_decoding` refits), each placed as the array it
+    replaces (replicated under several devices)."""
+    return state.replace(log_pi=jax.device_put(np.asarray(log_pi, state.log_pi.dtype), state.log_pi.sharding),
+                         log_A=jax.device_put(np.asarray(log_A, state.log_A.dtype), state.log_A.sharding))
 
 
 _DECODERS: dict = {}  # (model type, decoding options, eps_fn) -> jitted decoder

@@ -312,10 +312,7 @@ def _choose_decoding(config: RunConfig, parts: RunParts, loop: LoopState, sequen
     state = loop.train_state
     temperature, log_pi, log_A, fits = evaluation.choose_decoding(trained, parts, state, sequences)
     change = float(np.abs(np.exp(log_A) - np.exp(np.asarray(state.log_A))).mean())
-    # placed as the arrays they replace (replicated under several devices)
-    loop.train_state = state.replace(
-        log_pi=jax.device_put(np.asarray(log_pi, state.log_pi.dtype), state.log_pi.sharding),
-        log_A=jax.device_put(np.asarray(log_A, state.log_A.dtype), state.log_A.sharding))
+    loop.train_state = evaluation.with_chain(state, log_pi, log_A)
     estimator, num_t = evaluation.final_decoding(trained)
     log({"decoding_temperature": temperature, "decoding_temperature_fit": [float(f) for f in fits],
          "refit_A_change": change},
