@@ -104,7 +104,8 @@ ROWS = [
     Row("pretrained", "b", "supervised: all true labels (reference; start of finetune)",
         lambda k: ["warm_start.method=none", "reseed.every=0", "em.priors.learn_pi=true"], "pretrain"),
     Row("finetune", "b", "default EM from the pretrained network, labels hidden, no warm start",
-        lambda k: ["warm_start.method=none"], "finetune"),
+        # no warm start: nothing to choose the band from, and no restarts from other starts
+        lambda k: ["warm_start.method=none", "band.choose=false", "restarts.count=1"], "finetune"),
 ]
 ROW_NAMES = [r.name for r in ROWS]
 
@@ -441,7 +442,7 @@ def main(argv=None):
     header = (f"# Ablations ({args.model}, data {args.data}, seed {args.seed}, {args.steps} steps per row"
               f"{f', {args.pretrain_steps} pretraining steps' if any(r.kind == 'pretrain' for r in selected) else ''})\n\n"
               f"Accuracy: {what}, Hungarian-matched on the scored data. Every row is decoded with the same scorer "
-              f"({scorer_summary(common_scorer(base.em, base.loop.final_num_t))}); \"own scorer\": decoded with the "
+              f"({scorer_summary(common_scorer(base.em, base.evaluation.final_num_t))}); \"own scorer\": decoded with the "
               f"row's E-step estimator instead (random_t averaged over the same draws = multi_t; last_decoder one draw; "
               f"elbo its grid); \"train matching\": the matching learned on (at most 64) training items. Min class "
               f"usage: the smallest fraction of decoded frames in one state (0 = an unused state). (b) compares "
