@@ -21,9 +21,10 @@ and frames, each jitted, compilation excluded (a warm-up call), every call ended
 * ``e_step_scores``: the HMDM step's emission pass alone (network + draws + reduction);
 * ``ffbs``: the step's HMM pass alone (vmap over B of ``hmm.ffbs`` on [n, K] emissions).
 
-A row's network is ``NAME[+HEADS]``: NAME is ``cpu-small`` (the ``cpu-small`` preset's own network,
+A row's network is ``NAME[+HEADS][@SHAPE]``: NAME is ``cpu-small`` (the ``cpu-small`` preset's own network,
 as the presets ship it) or a ``models`` preset; ``+multi_head`` / ``+embedding`` sets
-``ModelConfig.class_heads``. The script ends with ``mixture_step/plain_step: M`` and, as its last line,
+``ModelConfig.class_heads``; ``@28x28x1`` the frames' shape (``cpu-small@28x28x1`` is the network that preset
+ships for 28×28 frames, 512 wide with the input skip). The script ends with ``mixture_step/plain_step: M`` and, as its last line,
 ``hmdm_step/plain_step: R`` for the first row (by default ``cpu-small``, the shipped network).
 
 Target (from the issue): hmdm step <= 1.3 x plain step with the one-pass network. Not a test:
@@ -56,8 +57,9 @@ def timed(fn, *args) -> float:
 
 
 def network_config(spec: str, num_classes: int, event_shape: tuple[int, ...]) -> models.ModelConfig:
-    """``NAME[+HEADS]`` -> the ModelConfig: ``cpu-small`` is that preset's network, else a models preset."""
-    name, _, heads = spec.partition("+")
+    """``NAME[+HEADS][@SHAPE]`` -> the ModelConfig: ``cpu-small`` is that preset's network for the event
+    shape, else a models preset."""
+    name, _, heads = spec.partition("@")[0].partition("+")
     if name == "cpu-small":
         network = run.preset("cpu-small", "hmdm", num_classes, event_shape).network
     else:
@@ -66,7 +68,11 @@ def network_config(spec: str, num_classes: int, event_shape: tuple[int, ...]) ->
 
 
 def event_shape_for(spec: str) -> tuple[int, ...]:
-    """(8, 8, 1) digits for the MLPs and ``cpu-small``, the preset's own shape for U-Nets."""
+    """The ``@HxWxC`` of the spec (``cpu-small@28x28x1``: the ``cpu-small`` network of 28×28 frames), else
+    (8, 8, 1) digits for the MLPs and ``cpu-small``, the preset's own shape for U-Nets."""
+    spec, _, shape = spec.partition("@")
+    if shape:
+        return tuple(int(d) for d in shape.split("x"))
     name = spec.partition("+")[0]
     if name == "cpu-small" or models.get_model_config(name).kind == "mlp":
         return (8, 8, 1)
@@ -207,9 +213,9 @@ def main():
     parser.add_argument("--classes", type=int, default=10, help="K")
     parser.add_argument(
         "--rows", default=DEFAULT_ROWS,
-        help="comma-separated network:BxN:num_t[:repeats]; network: NAME[+multi_head|+embedding], NAME "
-             "'cpu-small' (that preset's network) or a models preset; event shape (8, 8, 1) for MLPs, the "
-             "preset's own for U-Nets; num_t: the HMDM emission's t-draws (the preset's is 1). The last "
+        help="comma-separated network:BxN:num_t[:repeats]; network: NAME[+multi_head|+embedding][@HxWxC], NAME "
+             "'cpu-small' (that preset's network) or a models preset; event shape @HxWxC, else (8, 8, 1) for "
+             "MLPs and the preset's own for U-Nets; num_t: the HMDM emission's t-draws (the preset's is 1). The last "
              "lines of the output are the ratios of the first row",
     )
     parser.add_argument("--quick", action="store_true",

@@ -200,3 +200,54 @@ def test_a_run_whose_em_would_end_below_its_start_keeps_the_start_held_and_says_
     assert choice["chosen"] == 1 and choice["held"] and choice["scores"][1] > choice["scores"][0] + 0.1, choice
     assert accuracy(result) >= start - 0.01
     assert "start held for all 400 steps scores above every EM candidate" in capsys.readouterr().out
+
+
+def test_a_candidate_that_drifts_from_its_start_is_kept_at_its_best_snapshot_and_says_so(tmp_path, capsys):
+    """The constructed drift: HMDM on the sticky blob sequences, k-means start held for 200 steps, then an E-step
+    so flat (temperature 1e4) that EM samples the states from the chain alone, the classes' networks become
+    alike and the chain explains nothing any more. Without snapshots the run ends far below its start. With
+    ``restarts.snapshot_every`` (two candidates from k-means) the chosen one's best held-out chain share among
+    its snapshots beats its last state's by two standard errors, the run keeps that snapshot (its parameters
+    and chain bit for bit those of the candidate trained alone to that step), ends at its start's accuracy, and
+    the log says so. A run that does not
+    drift (the E-step at its usual temperature) keeps its last state."""
+    data, held = sequences(6, num_sequences=40, length=12), sequences(7, num_sequences=16, length=12)
+    flat = with_em(blob_config("hmdm", 500, 8, warm_start="kmeans", warm_start_steps=200, reseed_every=0),
+                   temperature=dict(final=1e4))
+    usual = blob_config("hmdm", 500, 8).em.temperature  # decoded at the usual temperature, not the flat one
+    accuracy = lambda result: run.score_states(held.labels, run.predict_states(
+        with_em(result.config, temperature=usual), result.parts, result.state, held.images, held.mask,
+        num_t=16)["states"], K)["accuracy"]
+    start = run.score_states(data.labels.reshape(-1), warm_start.kmeans_labels(data.images.reshape(-1, 2), K, seed=0),
+                             K)["accuracy"]
+    assert start > 0.99
+
+    drifted = run.train(flat, data, tmp_path / "em", progress=False)
+    assert accuracy(drifted) < start - 0.2
+
+    guarded = with_restarts(flat, count=2, methods=("kmeans", "kmeans"), snapshot_every=50, num_t=8,
+                            heldout_fraction=0.25)
+    result = run.train(guarded, data, tmp_path / "guarded", progress=False)
+    chosen = result.decisions["restarts"]["chosen"]
+    records = [json.loads(line) for line in (tmp_path / "guarded" / "metrics.jsonl").read_text().splitlines()]
+    offered = {r["snapshot"]["step"]: r["snapshot"]["chain"] for r in records
+               if "snapshot" in r and r["restart"] == chosen}
+    assert sorted(offered) == [200, 250, 300, 350, 400, 450]
+    snapshot = result.decisions["snapshot"]
+    best = max(offered, key=offered.get)
+    assert snapshot["kept"] and snapshot["step"] == best and snapshot["z"] > 2, snapshot
+    assert snapshot["chain"] == pytest.approx(offered[best]) and snapshot["chain"] > snapshot["chain_last"] + 0.01
+    assert result.decisions["restarts"]["snapshot"] == snapshot
+    assert int(result.state.step) == 500 and accuracy(result) >= start - 0.01
+    alone = run.train(restarts.candidate_config(guarded, chosen), restarts.split_sequences(guarded, data).train,
+                      tmp_path / "alone", progress=False, stop_after=best).state
+    for a, b in zip(jax.tree.leaves((alone.params, alone.log_A)), jax.tree.leaves((result.state.params, result.state.log_A))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out = capsys.readouterr().out
+    assert f"the step-{best} snapshot against the last state" in out and f"the candidate is its step-{best} state" in out
+
+    steady = run.train(with_restarts(blob_config("hmdm", 300, 8, warm_start="kmeans", warm_start_steps=50,
+                                                 reseed_every=0), count=2, snapshot_every=100, num_t=8,
+                                     heldout_fraction=0.25),
+                       data, tmp_path / "steady", progress=False)
+    assert not steady.decisions.get("snapshot", {"kept": False})["kept"] and accuracy(steady) > 0.99

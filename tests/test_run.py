@@ -359,6 +359,7 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert hm.network.class_heads == mix.network.class_heads == "multi_head"
     assert (hm.restarts.count, hm.restarts.methods) == (3, ("kmeans", "ward", "ghmm")) and not mix.restarts.active
     assert hm.restarts.steps is None and hm.restarts.criterion == "chain" and hm.reseed.copy_parent
+    assert hm.restarts.snapshot_every == hm.reseed.every == 500  # a snapshot per re-seeding period
     many = presets.preset("cpu-small", "hmdm", 10, (28, 28, 1), num_sequences=2000, length=30)
     assert many.restarts.methods == ("kmeans", "kmeans", "ghmm")  # 60k frames: too many for Ward
     hm.check()

@@ -168,7 +168,14 @@ class RestartConfig:
     beyond the frames), or "bound", the bound itself (the mixture's only criterion: it has no chain;
     :class:`hmdm_jax.run.restarts.Scores`; ``num_t`` ELBO terms, EMA parameters). It continues on all the
     data to ``loop.train_steps`` (nothing is left to continue when ``steps`` is None: the kept model never saw
-    the held-out share). ``count = 1``: no restarts."""
+    the held-out share).
+
+    ``snapshot_every > 0`` scores each candidate by the same criterion every that many steps from the end of its
+    warm start on, and keeps its best snapshot in place of its last state when the snapshot is higher on the
+    held-out sequences by at least ``snapshot_z`` standard errors of the paired per-sequence difference: EM
+    can raise the model's likelihood by drifting away from states the chain explains (RESULTS.md, stop 35), and
+    the snapshot that the chain explained best is the label-free stop. The kept snapshot is the candidate's
+    state at its last step, and is logged as such. ``count = 1``: no restarts, no held-out share, no snapshots."""
 
     count: int = 1
     steps: int | None = None
@@ -176,6 +183,8 @@ class RestartConfig:
     methods: tuple[str, ...] = ()
     num_t: int = 32
     criterion: str = "chain"
+    snapshot_every: int = 0
+    snapshot_z: float = moves.MIN_Z
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -184,6 +193,8 @@ class RestartConfig:
                "restarts.steps (None: the whole run) and restarts.num_t must be >= 1")
         _check(0.0 < self.heldout_fraction < 1.0,
                f"restarts.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(self.snapshot_every >= 0, f"restarts.snapshot_every must be >= 0 (0: no snapshots), got {self.snapshot_every}")
+        _check(0.0 <= self.snapshot_z < float("inf"), f"restarts.snapshot_z must be finite and >= 0, got {self.snapshot_z}")
         _check(self.criterion in ("chain", "bound"), f"restarts.criterion must be 'chain' or 'bound', got {self.criterion!r}")
         _check(all(m.removesuffix(HELD) in WARM_STARTS and m != "none" + HELD for m in self.methods),
                f"restarts.methods must name warm starts in {WARM_STARTS}, each optionally with the suffix "

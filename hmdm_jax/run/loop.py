@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hmdm_jax import checkpoint, parallel
+from hmdm_jax import checkpoint, moves, parallel
 from hmdm_jax.run import evaluation, restarts
 from hmdm_jax.run.batches import Clamp, TrainData, check_data, describe_start, make_batch, phase_labels
 from hmdm_jax.run.config import RunConfig, WarmStartConfig
@@ -340,10 +340,12 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         log({"warm_start": record or {"method": c.warm_start.method}, "seed": c.seed, "held": bool(held)},
             (describe_start(record) if record else f"warm start {c.warm_start.method}, seed {c.seed}") + held)
         cand_ctx = RunContext(c, parts, split.train, ctx.heldout, labels, streams(c.seed), ctx.true_A, log, ctx.advance)
-        cand, stop = run_steps(cand_ctx, cand, r_config.candidate_steps(config.loop.train_steps), lambda loop: None)
+        end = r_config.candidate_steps(config.loop.train_steps)
+        snapshots = _Snapshots(config, parts, split.heldout, key, c.warm_start.steps, end, log)
+        cand, stop = run_steps(cand_ctx, cand, end, snapshots.offer)
         if stop:
             return None
-        score = restarts.heldout_scores(config, parts, cand.train_state, split.heldout, key)
+        cand, score = snapshots.keep_best(cand)
         scores.append(score)
         log({"restart_scores": score._asdict()},
             f"on the {len(split.heldout.images)} held-out training images, nats per image: bound {score.bound:.3f}"
@@ -357,9 +359,66 @@ def _choose_restart(config: RunConfig, parts: RunParts, split: restarts.Split, d
         raise FloatingPointError(f"every restart diverged (held-out scores {scores}): lower optim.learning_rate")
     r, cand = best
     choice = {"chosen": r, "seed": restarts.candidate_seed(config.seed, r), "criterion": r_config.criterion,
+              "snapshot": cand.decisions.get("snapshot"),
               "scores": [getattr(s, r_config.criterion) for s in scores],
               "bounds": [s.bound for s in scores], "chain": [s.chain for s in scores],
               "warm_start": restarts.candidate_config(config, r).warm_start.method,
               "held": restarts.is_held(config, r)}
     return LoopState(cand.step, cand.train_state, {**cand.decisions, "restarts": choice},
                      restarts.widen_clamp(cand.clamp, split.train_index, data.labels.shape), cand.evaluation)
+
+
+class _Snapshots:
+    """One candidate's snapshots (``restarts.snapshot_every``): :meth:`offer` after every step scores the state on
+    the held-out sequences when a snapshot is due and keeps a copy of the best; :meth:`keep_best` at the end
+    returns the candidate, or its best snapshot where that is higher by ``restarts.snapshot_z`` paired standard
+    errors, with its :class:`restarts.Scores`. All scores use one key, as the candidates' do."""
+
+    def __init__(self, config: RunConfig, parts: RunParts, heldout: TrainData, key: jax.Array, first: int, end: int,
+                 log: Callable):
+        self.config, self.parts, self.heldout, self.key, self.log = config, parts, heldout, key, log
+        self.every, self.first, self.end = config.restarts.snapshot_every, first, end
+        self.prev = 0
+        self.best: tuple | None = None  # (criterion per sequence, per-sequence scores, copy of the loop state)
+
+    def _score(self, state: TrainState) -> tuple[np.ndarray, tuple]:
+        scores = restarts.sequence_scores(self.config, self.parts, state, self.heldout, self.key)
+        return restarts.criterion_per_sequence(self.config, scores[0], scores[1]), scores
+
+    def offer(self, loop: LoopState) -> None:
+        prev, self.prev = self.prev, loop.step
+        if not (crossed(prev, loop.step, self.every) and self.first <= loop.step < self.end):
+            return
+        values, scores = self._score(loop.train_state)
+        value = getattr(restarts.per_frame(*scores), self.config.restarts.criterion)
+        best = bool(self.best is None or values.sum() > self.best[0].sum())
+        if best:
+            copy = LoopState(loop.step, jax.tree.map(jnp.copy, loop.train_state), dict(loop.decisions), loop.clamp,
+                             dict(loop.evaluation))
+            self.best = (values, scores, copy)
+        self.log({"snapshot": {"step": loop.step, self.config.restarts.criterion: value, "best": best}},
+                 f"step {loop.step}: snapshot, held-out {self.config.restarts.criterion} {value:.3f} nats per frame"
+                 + (" (the best so far)" if best else ""))
+
+    def keep_best(self, cand: LoopState) -> tuple[LoopState, restarts.Scores]:
+        values, scores = self._score(cand.train_state)
+        last = restarts.per_frame(*scores)
+        if self.best is None:
+            return cand, last
+        snap_values, snap_scores, snap = self.best
+        kept = restarts.per_frame(*snap_scores)
+        criterion = self.config.restarts.criterion
+        z = moves.paired_z(snap_values - values)
+        record = {"step": snap.step, "z": float(z), criterion: getattr(kept, criterion),
+                  f"{criterion}_last": getattr(last, criterion), "kept": bool(z >= self.config.restarts.snapshot_z)}
+        message = (f"step {cand.step}: the step-{snap.step} snapshot against the last state, held-out {criterion} "
+                   f"{getattr(kept, criterion):.3f} vs {getattr(last, criterion):.3f} nats per frame (paired z = "
+                   f"{z:.1f}, {self.config.restarts.snapshot_z:g} needed)")
+        self.log({"snapshot_choice": record}, message + (": the candidate is its step-" f"{snap.step} state"
+                                                          if record["kept"] else ": the last state is kept"))
+        if not record["kept"]:
+            return cand, last
+        # the snapshot takes the candidate's step count: the candidate ends there, it is not trained to the end again
+        state = snap.train_state.replace(step=jnp.asarray(cand.step, snap.train_state.step.dtype))
+        decisions = {**snap.decisions, "snapshot": record}
+        return LoopState(cand.step, state, decisions, snap.clamp, snap.evaluation), kept

@@ -22,8 +22,8 @@ from hmdm_jax.run.config import HELD, RunConfig
 from hmdm_jax.run.parts import RunParts
 from hmdm_jax.state import TrainState
 
-__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "heldout_scores", "is_held", "sequence_scores",
-           "split_sequences", "stationary_log_distribution", "widen_clamp"]
+__all__ = ["Scores", "Split", "candidate_config", "candidate_seed", "criterion_per_sequence", "heldout_scores", "is_held",
+           "per_frame", "sequence_scores", "split_sequences", "stationary_log_distribution", "widen_clamp"]
 
 SEED_STRIDE = 0x9E3779B1  # candidate r > 0 runs with seed + r * stride (mod 2**32): distinct, far apart streams
 BOUND_STREAM = 0xB0B0  # folded into the run's eval stream: the ELBO draws of the bound, one key for all candidates
@@ -73,7 +73,7 @@ def is_held(config: RunConfig, r: int) -> bool:
 
 def candidate_config(config: RunConfig, r: int) -> RunConfig:
     """Candidate ``r``'s config: its seed and warm start (``restarts.methods[r % len]``; a held one lasts all
-    the candidate's steps), no restarts of its own."""
+    the candidate's steps), no restarts or snapshots of its own."""
     methods = config.restarts.methods
     ws = config.warm_start
     if methods:
@@ -81,7 +81,7 @@ def candidate_config(config: RunConfig, r: int) -> RunConfig:
     if is_held(config, r):
         ws = dataclasses.replace(ws, steps=config.restarts.candidate_steps(config.loop.train_steps))
     return config.replace(seed=candidate_seed(config.seed, r), warm_start=ws,
-                          restarts=dataclasses.replace(config.restarts, count=1))
+                          restarts=dataclasses.replace(config.restarts, count=1, snapshot_every=0))
 
 
 class Scores(NamedTuple):
@@ -121,10 +121,19 @@ def heldout_scores(config: RunConfig, parts: RunParts, state: TrainState, heldou
     """A candidate's :class:`Scores` on ``heldout`` (EMA parameters, the state's π and A, ``restarts.num_t``
     ELBO terms; not finite when the candidate diverged). Every candidate is scored with the same ``key``,
     so their differences are not the ELBO draws' noise, and both bounds use the same emissions."""
-    bound, framewise, frames = sequence_scores(config, parts, state, heldout, key)
+    return per_frame(*sequence_scores(config, parts, state, heldout, key))
+
+
+def per_frame(bound: np.ndarray, framewise: np.ndarray, frames: np.ndarray) -> Scores:
+    """:class:`Scores` per valid frame from :func:`sequence_scores`' per-sequence sums."""
     total = max(int(frames.sum()), 1)
     bound, framewise = bound.sum() / total, framewise.sum() / total
     return Scores(float(bound), float(framewise), float(bound - framewise))
+
+
+def criterion_per_sequence(config: RunConfig, bound: np.ndarray, framewise: np.ndarray) -> np.ndarray:
+    """``restarts.criterion`` per sequence (nats summed over its frames) from :func:`sequence_scores`' bounds."""
+    return bound - framewise if config.restarts.criterion == "chain" else bound
 
 
 def sequence_scores(config: RunConfig, parts: RunParts, state: TrainState, data: TrainData, key: jax.Array
