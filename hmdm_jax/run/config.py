@@ -215,14 +215,21 @@ class BandConfig:
     one-draw class decision best reproduces the warm-start assignment (:func:`em.select_t_range`; needs a warm
     start or observed labels); then ``temperature``, the temperature ``em.temperature.final`` at which the
     E-step's posterior (in that band) best predicts the model's own many-draw class decision
-    (:func:`em.select_temperature`). Both are recorded as run decisions."""
+    (:func:`em.select_temperature`). Both are recorded as run decisions. ``temperature_every > 0`` (HMDM, with
+    ``temperature``): the temperature is instead the one at which the chain explains the training sequences
+    best with the E-step's own scores (:func:`hmdm_jax.run.hooks.chain_temperature`; the E-step weighs those
+    scores against the chain), chosen at the end of the warm start and again every that many steps, as the
+    network and the chain change. An option: measured on the dense random chain, it kept EM candidates from
+    collapsing but did not raise the final accuracy (RESULTS.md, stop 35)."""
 
     choose: bool = False
     frames: int = 2048
     temperature: bool = False
+    temperature_every: int = 0
 
     def __post_init__(self):
         _check(self.frames >= 1, "band.frames must be >= 1")
+        _check(self.temperature_every >= 0, f"band.temperature_every must be >= 0 (0: once), got {self.temperature_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +315,9 @@ class RunConfig:
         _check(not self.reseed.check_moves or self.model_type == "hmdm",
                "reseed.check_moves compares the HMDM's chain with and without a move: the mixture has none "
                "(set reseed.check_moves=false)")
+        _check(not self.band.temperature_every or self.model_type == "hmdm",
+               "band.temperature_every re-chooses HMDM's E-step temperature against its chain: the mixture has "
+               "none (set band.temperature_every=0)")
         _check(not self.evaluation.choose_temperature or self.model_type == "hmdm",
                "evaluation.choose_temperature balances the frames' evidence against the HMDM's chain: the mixture "
                "has none (set evaluation.choose_temperature=false)")

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmdm_jax import em, matching, models, moves, warm_start
+from hmdm_jax import em, hmdm, matching, models, moves, warm_start
 from hmdm_jax.run import restarts
 from hmdm_jax.run.batches import Clamp, TrainData
 from hmdm_jax.run.config import RunConfig
-from hmdm_jax.run.evaluation import evaluate, predict_states
+from hmdm_jax.run.evaluation import DECODING_FIT_SEQUENCES, evaluate, predict_states
 from hmdm_jax.run.parts import RunParts, Streams
 from hmdm_jax.state import TrainState
 
@@ -97,9 +97,14 @@ def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopStat
     """At the end of the warm start: the scoring band that best reproduces the warm-start assignment
     (``band.choose``, :func:`em.select_t_range`), then the temperature at which the E-step's posterior in that
     band best predicts the model's own many-draw decision (``band.temperature``, :func:`em.select_temperature`).
-    No labels; recorded as ``decisions["t_range"]`` and ``decisions["temperature"]``."""
+    No labels; recorded as ``decisions["t_range"]`` and ``decisions["temperature"]``. With
+    ``band.temperature_every`` (HMDM) the temperature is chosen against the chain instead
+    (:func:`chain_temperature`), and again every that many steps."""
     config, band_config = ctx.config, ctx.config.band
     boundary = max(config.warm_start.steps, 1)
+    if (band_config.temperature_every and boundary < loop.step < config.loop.train_steps
+            and "temperature" in loop.decisions and crossed(prev_step, loop.step, band_config.temperature_every)):
+        return _rechoose_temperature(ctx, loop)
     if not (band_config.choose or band_config.temperature) or not prev_step < boundary <= loop.step:
         return loop
     assignment = ctx.phase_labels[0]
@@ -119,18 +124,67 @@ def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopStat
                 + ", ".join(f"{b}: {a:.3f}" for b, a in scores.items()) + ")")
     if band_config.temperature and "temperature" not in loop.decisions:
         scoring = config.with_decisions(loop.decisions).em
-        temperature, fits = em.select_temperature(scoring, ctx.parts.eps_fn, loop.train_state.params,
-                                                  ctx.parts.schedule, jnp.asarray(frames[pick]),
-                                                  jax.random.fold_in(key, 1))
-        fits, grid = np.asarray(fits), np.asarray(em.TEMPERATURE_GRID)
-        loop.decisions = {**loop.decisions, "temperature": temperature}
+        grid = np.asarray(em.TEMPERATURE_GRID)
         configured = config.em.temperature.final
         near = int(np.argmin(np.abs(np.log(grid / configured))))
+        if band_config.temperature_every:
+            temperature, fits, sequences = chain_temperature(ctx, loop, scoring, jax.random.fold_in(key, 2))
+            how = (f"the chain adds {fits.max():.3f} nats per frame to {sequences} training sequences scored with the "
+                   f"E-step's {scoring.scoring.num_t} draw(s)")
+        else:
+            temperature, fits = em.select_temperature(scoring, ctx.parts.eps_fn, loop.train_state.params,
+                                                      ctx.parts.schedule, jnp.asarray(frames[pick]),
+                                                      jax.random.fold_in(key, 1))
+            fits = np.asarray(fits)
+            how = f"its posterior predicts the model's {em.REFERENCE_DRAWS}-draw class decision at {fits.max():.3f} nats per frame"
+        loop.decisions = {**loop.decisions, "temperature": temperature}
         ctx.log({"temperature": temperature, "temperature_fit": [float(f) for f in fits]},
                 f"step {loop.step}: temperature {temperature:.3g} in the band {scoring.scoring.t_range} "
-                f"(its posterior predicts the model's {em.REFERENCE_DRAWS}-draw class decision at {fits.max():.3f} "
-                f"nats per frame; at {grid[near]:.3g}, near the configured {configured:g}: {fits[near]:.3f})")
+                f"({how}; at {grid[near]:.3g}, near the configured {configured:g}: {fits[near]:.3f})")
     return loop
+
+
+def _rechoose_temperature(ctx: RunContext, loop: LoopState) -> LoopState:
+    scoring = ctx.config.with_decisions(loop.decisions).em
+    key = jax.random.fold_in(jax.random.fold_in(ctx.streams.heuristics, loop.step), 2)
+    temperature, fits, sequences = chain_temperature(ctx, loop, scoring, key)
+    before = float(loop.decisions["temperature"])
+    grid = np.asarray(em.TEMPERATURE_GRID)
+    at_before = float(fits[int(np.argmin(np.abs(np.log(grid / before))))])
+    loop.decisions = {**loop.decisions, "temperature": temperature}
+    ctx.log({"temperature": temperature, "temperature_fit": [float(f) for f in fits]},
+            f"step {loop.step}: temperature {temperature:.3g} (was {before:.3g}): the chain adds {fits.max():.3f} "
+            f"nats per frame to {sequences} training sequences scored with the E-step's {scoring.scoring.num_t} "
+            f"draw(s) ({at_before:.3f} at {before:.3g})")
+    return loop
+
+
+def chain_temperature(ctx: RunContext, loop: LoopState, scoring: em.EMConfig, key: jax.Array
+                      ) -> tuple[float, np.ndarray, int]:
+    """HMDM's E-step temperature: ``(τ, fits, sequences)``, the τ of ``em.TEMPERATURE_GRID`` at which the chain
+    explains the first ``DECODING_FIT_SEQUENCES`` (evaluation) training sequences best when their frames are
+    scored as the E-step scores them (its band and draws, the current parameters): :func:`hmdm.select_decoding`,
+    the final decoding's own criterion, with the chain refitted at each τ (the run's A is kept). The E-step
+    samples states from the chain and the tempered scores together, so their balance is what τ must get
+    right: on a dense chain, a τ calibrated on the frames alone left a trained network's one-draw scores so
+    soft that the learned A outvoted them, and the states the E-step sampled drifted (RESULTS.md, stop 35)."""
+    n = min(len(ctx.data.images), DECODING_FIT_SEQUENCES)
+    untempered = scoring.replace(temperature=em.Temperature(final=1.0))
+    state, batch = loop.train_state, ctx.config.evaluation.batch_size
+    scores = _E_STEP_SCORES.get((untempered, id(ctx.parts.eps_fn)))
+    if scores is None:
+        scores = jax.jit(lambda params, images, key, step: hmdm.sequence_log_emissions(
+            untempered, ctx.parts.eps_fn, params, ctx.parts.schedule, images, key, step))
+        _E_STEP_SCORES[(untempered, id(ctx.parts.eps_fn))] = scores
+    log_b = np.concatenate([np.asarray(scores(state.params, jnp.asarray(ctx.data.images[i:min(i + batch, n)]),
+                                              jax.random.fold_in(key, i), state.step))
+                            for i in range(0, n, batch)])
+    temperature, _, _, fits = hmdm.select_decoding(jnp.asarray(log_b), jnp.asarray(ctx.data.mask[:n]), state.log_pi,
+                                                   state.log_A, scoring.priors)
+    return temperature, np.asarray(fits), n
+
+
+_E_STEP_SCORES: dict = {}  # (untempered E-step config, eps_fn) -> jitted scores of a batch of sequences
 
 
 def revived_labels(data: TrainData, states: np.ndarray, num_classes: int, min_usage: float, seed: int,

@@ -95,12 +95,10 @@ def preset(name: str, model_type: str, num_classes: int, event_shape: tuple[int,
 
 def _hmdm_restarts(data: dict) -> RestartConfig:
     """Three whole runs from k-means, Ward's clusters (k-means again where the frames are too many for Ward)
-    and the Gaussian HMM's Viterbi path: starts that fail in different ways, so the choice is a real one. Each
-    is also scored at every re-seeding period and kept at its best snapshot where it drifted below it: on a
-    dense chain every candidate's likelihood rose while the states the chain explains faded (RESULTS.md, stop 35)."""
+    and the Gaussian HMM's Viterbi path: starts that fail in different ways, so the choice is a real one."""
     frames = data.get("num_sequences", 0) * data.get("length", 0)
     second = "ward" if frames <= warm_start.MAX_WARD_FRAMES else "kmeans"
-    return RestartConfig(count=3, methods=("kmeans", second, "ghmm"), snapshot_every=HMDM_RESEED.every)
+    return RestartConfig(count=3, methods=("kmeans", second, "ghmm"))
 
 
 def _unet_for(event_shape):
