@@ -33,7 +33,9 @@ def train(class_heads: str, images: np.ndarray, labels: np.ndarray, steps: int, 
           mlp_width: int | None = None):
     """(config, parts, state, seconds, final loss) after ``steps`` supervised steps."""
     config = run.preset("cpu-small", "hmdm", 10, images.shape[1:])
-    network = dataclasses.replace(config.network, class_heads=class_heads)
+    # "rankR": multi-head with a shared projection and rank-R class terms (ModelConfig.head_rank)
+    network = (dataclasses.replace(config.network, class_heads="multi_head", head_rank=int(class_heads[4:]))
+               if class_heads.startswith("rank") else dataclasses.replace(config.network, class_heads=class_heads))
     if mlp_width is not None:
         # the input skip follows the width as the preset sets it: on when the frame is wider than the MLP
         network = dataclasses.replace(network, mlp_width=mlp_width,
@@ -74,7 +76,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 (split, init, batches, keys)")
     parser.add_argument("--num-t", default="1,4,16", help="comma-separated t-draws per held-out digit")
     parser.add_argument("--data", default="digits", help="SOURCE: digits | idx:DIR | npz:PATH (as experiments/)")
-    parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated class-head forms")
+    parser.add_argument("--heads", default=",".join(HEADS),
+                        help="comma-separated class-head forms: embedding, multi_head, rankR (multi-head, head_rank=R)")
     parser.add_argument("--mlp-width", type=int, default=None, help="override the preset's MLP width")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, num_t 1")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ and frames, each jitted, compilation excluded (a warm-up call), every call ended
 
 A row's network is ``NAME[+HEADS][@SHAPE]``: NAME is ``cpu-small`` (the ``cpu-small`` preset's own network,
 as the presets ship it) or a ``models`` preset; ``+multi_head`` / ``+embedding`` sets
-``ModelConfig.class_heads``; ``@28x28x1`` the frames' shape (``cpu-small@28x28x1`` is the network that preset
+``ModelConfig.class_heads``, ``+rank32`` multi-head with ``head_rank=32``; ``@28x28x1`` the frames' shape (``cpu-small@28x28x1`` is the network that preset
 ships for 28×28 frames, 512 wide with the input skip). The script ends with ``mixture_step/plain_step: M`` and, as its last line,
 ``hmdm_step/plain_step: R`` for the first row (by default ``cpu-small``, the shipped network).
 
@@ -64,6 +64,8 @@ def network_config(spec: str, num_classes: int, event_shape: tuple[int, ...]) ->
         network = run.preset("cpu-small", "hmdm", num_classes, event_shape).network
     else:
         network = models.get_model_config(name)
+    if heads.startswith("rank"):  # +rankR: multi-head with a shared projection and rank-R class terms
+        return dataclasses.replace(network, class_heads="multi_head", head_rank=int(heads[4:]))
     return dataclasses.replace(network, class_heads=heads) if heads else network
 
 
@@ -168,7 +170,7 @@ def report(spec: str, config: run.RunConfig, mixture_config: run.RunConfig, batc
     verdict = "met" if hmdm_ratio <= TARGET else "MISSED"
     ms = lambda x: f"{1e3 * x:.1f}"
     return (
-        f"| {spec} | {config.network.class_heads} | {models.param_count(models.param_shapes(models.build_model(config.network, config.num_classes), config.event_shape)):,} "
+        f"| {spec} | {config.network.class_heads}{f' rank {config.network.head_rank}' if config.network.head_rank else ''} | {models.param_count(models.param_shapes(models.build_model(config.network, config.num_classes), config.event_shape)):,} "
         f"| {'x'.join(map(str, config.event_shape))} | {batch}x{length} = {batch * length} "
         f"| {config.em.scoring.num_t} / {mixture_config.em.scoring.num_t} "
         f"| {ms(t['hmdm step'])} | {ms(t['mixture step'])} | {ms(t['plain step'])} | {ms(t['K fwd'])} "
@@ -213,7 +215,7 @@ def main():
     parser.add_argument("--classes", type=int, default=10, help="K")
     parser.add_argument(
         "--rows", default=DEFAULT_ROWS,
-        help="comma-separated network:BxN:num_t[:repeats]; network: NAME[+multi_head|+embedding][@HxWxC], NAME "
+        help="comma-separated network:BxN:num_t[:repeats]; network: NAME[+multi_head|+embedding|+rankR][@HxWxC], NAME "
              "'cpu-small' (that preset's network) or a models preset; event shape @HxWxC, else (8, 8, 1) for "
              "MLPs and the preset's own for U-Nets; num_t: the HMDM emission's t-draws (the preset's is 1). The last "
              "lines of the output are the ratios of the first row",

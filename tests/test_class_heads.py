@@ -25,13 +25,17 @@ MLP_CFG = models.ModelConfig(kind="mlp", mlp_width=32, mlp_depth=2, mlp_input_sk
                              zero_init_output=False, class_heads="multi_head")
 UNET_CFG = models.ModelConfig(kind="unet", base_width=8, channel_mults=(1, 2), num_res_blocks=1,
                               mid_attention=True, zero_init_output=False, class_heads="multi_head")
-EVENTS = {"mlp": (2, 3), "unet": (8, 8, 2)}  # a non-flat MLP event; two channels for the heads' grouping
+# low-rank heads (ModelConfig.head_rank): a shared projection plus a rank-2 term per class
+MLP_LOW_RANK_CFG = dataclasses.replace(MLP_CFG, head_rank=2)
+CONFIGS = {"mlp": MLP_CFG, "mlp_low_rank": MLP_LOW_RANK_CFG, "unet": UNET_CFG}
+# a non-flat MLP event; two channels for the heads' grouping
+EVENTS = {"mlp": (2, 3), "mlp_low_rank": (2, 3), "unet": (8, 8, 2)}
 TIMES = jnp.array([1, 10, 500, 1000], jnp.int32)
 
 
 @functools.lru_cache(maxsize=None)
 def setup(kind: str):
-    cfg = MLP_CFG if kind == "mlp" else UNET_CFG
+    cfg = CONFIGS[kind]
     model = models.build_model(cfg, K)
     params = models.init_params(jax.random.key(0), model, EVENTS[kind])
     # Non-zero, class-distinct heads and biases: perturb every leaf a little.
@@ -47,7 +51,7 @@ def stacked(eps_fn, params, z, t):
     return jnp.stack([eps_fn(params, z, t, jnp.full((z.shape[0],), k, jnp.int32)) for k in range(K)])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp_low_rank", "unet"])
 def test_all_classes_equals_stacking_every_class(kind):
     model, params, eps_fn, z = setup(kind)
     assert isinstance(eps_fn, models.EpsFn) and eps_fn.num_classes == K
@@ -57,7 +61,7 @@ def test_all_classes_equals_stacking_every_class(kind):
     np.testing.assert_allclose(all_eps, per_class, rtol=1e-5, atol=1e-5)
     # the heads differ: the class matters
     assert float(jnp.abs(all_eps[0] - all_eps[1]).max()) > 1e-3
-    if kind == "mlp":  # eager equals jit (a U-Net run eagerly compiles each of its many ops on its own)
+    if kind != "unet":  # eager equals jit (a U-Net run eagerly compiles each of its many ops on its own)
         np.testing.assert_allclose(eps_fn.all_classes(params, z, TIMES), all_eps, rtol=1e-5, atol=1e-5)
     # a mixed-class batch picks each example's own head
     k = jnp.array([2, 0, 1, 0], jnp.int32)
@@ -65,14 +69,14 @@ def test_all_classes_equals_stacking_every_class(kind):
     np.testing.assert_allclose(mixed, all_eps[k, jnp.arange(B)], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp_low_rank", "unet"])
 def test_null_class_has_its_own_head(kind):
     """k = K goes through head K only: bumping head K changes exactly the k = K examples, and the
     real classes' one-pass output does not include it."""
     model, params, eps_fn, z = setup(kind)
     k = jnp.array([0, K, 1, K], jnp.int32)
     base = jax.jit(eps_fn)(params, z, TIMES, k)
-    if kind == "mlp":
+    if kind != "unet":
         bumped = {**params, "out_heads": {**params["out_heads"],
                                           "bias": params["out_heads"]["bias"].at[K].add(1.0)}}
     else:
@@ -88,7 +92,7 @@ def test_null_class_has_its_own_head(kind):
         jnp.array([0, 2])])))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp_low_rank", "unet"])
 def test_vmap_over_examples_equals_the_batch(kind):
     model, params, eps_fn, z = setup(kind)
     together = jax.jit(eps_fn.all_classes)(params, z, TIMES)
@@ -97,7 +101,12 @@ def test_vmap_over_examples_equals_the_batch(kind):
 
 
 def _head_norms(kind, grads):
-    if kind == "mlp":
+    if kind == "mlp_low_rank":  # each class's own U, V and bias; the shared kernel counts with the trunk
+        heads = grads["out_heads"]
+        per_head = jnp.sqrt(jnp.sum(heads["class_in"] ** 2, axis=(0, 2)) + jnp.sum(heads["class_out"] ** 2, axis=(1, 2))
+                            + jnp.sum(heads["bias"] ** 2, axis=1))
+        trunk = {**{n: g for n, g in grads.items() if n != "out_heads"}, "shared": heads["kernel"]}
+    elif kind == "mlp":
         heads = grads["out_heads"]
         per_head = jnp.sqrt(jnp.sum(heads["kernel"] ** 2, axis=(0, 2)) + jnp.sum(heads["bias"] ** 2, axis=1))
         trunk = {n: g for n, g in grads.items() if n != "out_heads"}
@@ -110,7 +119,7 @@ def _head_norms(kind, grads):
     return per_head, trunk
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp_low_rank", "unet"])
 def test_gradient_reaches_the_trunk_and_only_the_selected_head(kind):
     model, params, eps_fn, z = setup(kind)
     noise = jax.random.normal(jax.random.key(5), z.shape)
@@ -174,7 +183,7 @@ def _spy(eps_fn):
     return models.EpsFn(eps_fn.fn, eps_fn.num_classes, all_classes), traces
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp_low_rank", "unet"])
 @pytest.mark.parametrize("estimator,num_t", [("eps_mse", 2), ("random_t", 1), ("elbo", 3)])
 def test_log_emission_one_pass_equals_the_vmapped_fallback(kind, estimator, num_t):
     model, params, eps_fn, z = setup(kind)
@@ -223,15 +232,15 @@ def test_hmdm_train_step_with_a_multi_head_network():
     assert max(jax.tree_util.tree_leaves(moved)) > 0.0
 
 
-@pytest.mark.parametrize("name, heads, event", [
-    ("mlp-small", "embedding", (2,)), ("mlp-small", "multi_head", (2,)),
-    pytest.param("digits8-unet", "multi_head", (8, 8, 1), marks=pytest.mark.slow),  # a minute of compilation
+@pytest.mark.parametrize("name, heads, event, rank", [
+    ("mlp-small", "embedding", (2,), 0), ("mlp-small", "multi_head", (2,), 0), ("mlp-small", "multi_head", (2,), 2),
+    pytest.param("digits8-unet", "multi_head", (8, 8, 1), 0, marks=pytest.mark.slow),  # a minute of compilation
 ])
-def test_copy_class_makes_the_target_class_predict_as_the_source(name, heads, event):
+def test_copy_class_makes_the_target_class_predict_as_the_source(name, heads, event, rank):
     """After ``copy_class(params, K, 1, 3)`` class 3 predicts exactly what class 1 does, and every other class
     (and the null class) is unchanged: only the class's own row or head is copied."""
     K = 4
-    model = models.build_model(dataclasses.replace(models.get_model_config(name), class_heads=heads), K)
+    model = models.build_model(dataclasses.replace(models.get_model_config(name), class_heads=heads, head_rank=rank), K)
     params = models.init_params(jax.random.PRNGKey(0), model, event)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
     copied = models.copy_class(params, K, 1, 3)
@@ -263,3 +272,18 @@ def test_copy_parents_copies_each_freed_class_in_the_trained_and_the_ema_paramet
         np.testing.assert_array_equal(out[2], heads[1])
         np.testing.assert_array_equal(out[[0, 1, 4]], heads[[0, 1, 4]])
     np.testing.assert_array_equal(copied.ema_params["out_heads"]["kernel"][:, 3], state.ema_params["out_heads"]["kernel"][:, 0])
+
+
+def test_low_rank_heads_are_an_mlp_multi_head_option_and_params_must_match():
+    with pytest.raises(ValueError, match="head_rank"):
+        dataclasses.replace(MLP_CFG, class_heads="embedding", head_rank=2)
+    with pytest.raises(ValueError, match="head_rank"):
+        dataclasses.replace(UNET_CFG, head_rank=2)
+    full, _, _, z = setup("mlp")
+    low, low_params, eps_fn, _ = setup("mlp_low_rank")
+    with pytest.raises(ValueError, match="head_rank=0"):
+        models.check_params_fit(full, low_params, z)
+    # the class heads cost (K + 1)·r·(width + D) + (K + 1)·D beside one shared [width, D] kernel
+    heads = low_params["out_heads"]
+    assert heads["class_in"].shape == (32, K + 1, 2) and heads["class_out"].shape == (K + 1, 2, 6)
+    assert heads["kernel"].shape == (32, 6) and heads["bias"].shape == (K + 1, 6)

@@ -211,6 +211,10 @@ def check_params_fit(model: nn.Module, params: Params, z_t: Array) -> None:
         rows, what = jnp.shape(params["conv_out"]["kernel"])[-1] // max(channels, 1), "output heads for"
     else:
         rows, what = jnp.shape(params["out_heads"]["bias"])[0], "output heads for"
+        if ("class_in" in params["out_heads"]) != bool(model.config.head_rank):
+            raise ValueError(f"params have {'low-rank' if 'class_in' in params['out_heads'] else 'full'} class "
+                             f"heads but the model has head_rank={model.config.head_rank}; initialise them for "
+                             f"this model")
     if rows != model.num_classes + 1:
         raise ValueError(f"params have {what} {rows} rows (K = {rows - 1}) but the model "
                          f"has num_classes = {model.num_classes} (K + 1 = {model.num_classes + 1} rows)")
@@ -294,7 +298,7 @@ def param_table(num_classes: int = 10, names: Sequence[str] = PRESET_NAMES) -> s
                       f"{', residual' if cfg.mlp_residual else ''}"
                       f"{' + LayerNorm' if cfg.mlp_layernorm and cfg.mlp_residual else ''}")
         if cfg.class_heads != "embedding":
-            layout += f", {cfg.class_heads}"
+            layout += f", {cfg.class_heads}" + (f" rank {cfg.head_rank}" if cfg.head_rank else "")
         shape_str = "×".join(str(d) for d in shape)
         lines.append(f"| `{name}` | {cfg.kind} | {shape_str} | {layout} | {count:,} |")
     return "\n".join(lines)
@@ -315,6 +319,10 @@ def copy_class(params: Params, num_classes: int, source: int, target: int) -> Pa
     out = dict(params)
     if "class_embed" in params.get("cond", {}):
         out["cond"] = {**params["cond"], "class_embed": copy(params["cond"]["class_embed"], 0)}
+    elif "out_heads" in params and "class_in" in params["out_heads"]:  # low-rank heads: the kernel is shared
+        heads = params["out_heads"]
+        out["out_heads"] = {**heads, "class_in": copy(heads["class_in"], 1), "class_out": copy(heads["class_out"], 0),
+                            "bias": copy(heads["bias"], 0)}
     elif "out_heads" in params:
         heads = params["out_heads"]
         out["out_heads"] = {"kernel": copy(heads["kernel"], 1), "bias": copy(heads["bias"], 0)}

@@ -55,6 +55,10 @@ class ModelConfig:
         class (``models.make_eps_fn(model).all_classes``), the multi-head form of the Robust Diffusion
         Classifier (Chen et al., ICML 2024). The class can then change ε only through a linear map of
         shared features.
+      head_rank: MLP with ``"multi_head"``: 0, a full ``[width, D]`` head per class; r > 0, one shared output
+        projection plus a rank-r class term per class, ``h W + (h U_k) V_k + b_k``. A full head computes all
+        K + 1 heads to train one class, which at D = 784 doubles the single-class step (benchmarks/README.md);
+        the rank-r term costs ``(K + 1)·r·(width + D)`` per frame.
     """
 
     kind: str = "unet"
@@ -74,6 +78,7 @@ class ModelConfig:
     mlp_layernorm: bool = True
     mlp_input_skip: bool = False
     class_heads: str = "embedding"
+    head_rank: int = 0
 
     def __post_init__(self):
         # Lists are accepted for convenience but stored as tuples so that the config stays hashable.
@@ -83,6 +88,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if self.class_heads not in CLASS_HEADS:
             raise ValueError(f"ModelConfig.class_heads must be one of {CLASS_HEADS}, got {self.class_heads!r}")
+        if self.head_rank < 0 or (self.head_rank and (self.kind != "mlp" or self.class_heads != "multi_head")):
+            raise ValueError(f"ModelConfig.head_rank must be 0, or > 0 for an MLP with class_heads='multi_head' "
+                             f"(got {self.head_rank} with kind={self.kind!r}, class_heads={self.class_heads!r})")
         if self.dropout < 0.0 or self.dropout >= 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.time_embed_dim < 0 or self.time_embed_dim % 2:

@@ -93,7 +93,7 @@ class MLP(nn.Module):
         kernel_init = (nn.initializers.zeros if cfg.zero_init_output
                        else nn.initializers.lecun_normal())
         if multi_head:
-            out = ClassHeads(dim, self.num_classes, kernel_init, name="out_heads")(h, k)
+            out = ClassHeads(dim, self.num_classes, kernel_init, cfg.head_rank, name="out_heads")(h, k)
         else:
             out = nn.Dense(dim, kernel_init=kernel_init, name="out_proj")(h)
         if cfg.mlp_input_skip:  # class-independent: under a vmap over k it is computed once
@@ -110,21 +110,30 @@ class ClassHeads(nn.Module):
     others' outputs are discarded, so only that head gets a gradient); with ``k=None`` every example
     goes through the K real heads: ``[B, K, D]``.
 
+    With ``rank = r > 0`` a head is ``h W + (h U_k) V_k + b_k``: one shared ``kernel [width, D]``, and per class
+    ``class_in [width, K + 1, r]`` (U) and ``class_out [K + 1, r, D]`` (V, initialised like the kernel). Then
+    one class costs about one ``[width, D]`` projection instead of K + 1 of them, and only its own U, V and b
+    get a gradient.
+
     Attributes:
       features: D.
       num_classes: K.
-      kernel_init: initialiser of each head's ``[width, D]`` kernel.
+      kernel_init: initialiser of each head's ``[width, D]`` kernel (the shared one, and V, with a rank).
+      rank: 0 for full heads, else r.
     """
 
     features: int
     num_classes: int
     kernel_init: object = nn.initializers.lecun_normal()
+    rank: int = 0
 
     @nn.compact
     def __call__(self, h: Array, k: Array | None) -> Array:
         """``h``: ``[B, width]``; ``k``: ``[B]`` int32 in 0..K or None. Returns ``[B, D]`` or ``[B, K, D]``."""
         heads, width = self.num_classes + 1, h.shape[-1]
         init = self.kernel_init
+        if self.rank:
+            return self._low_rank(h, k)
 
         def kernel_init(key, shape, dtype=jnp.float32):
             per_head = jax.vmap(lambda kk: init(kk, (shape[0], shape[2]), dtype))(jax.random.split(key, shape[1]))
@@ -136,3 +145,22 @@ class ClassHeads(nn.Module):
         out = h @ kernel[:, :used].reshape(width, used * self.features)
         out = out.reshape(h.shape[0], used, self.features) + bias[:used]
         return out if k is None else select_class(k, self.num_classes, out)
+
+    def _low_rank(self, h: Array, k: Array | None) -> Array:
+        heads, width, r, d = self.num_classes + 1, h.shape[-1], self.rank, self.features
+        kernel = self.param("kernel", self.kernel_init, (width, d), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (heads, d), jnp.float32)
+        class_in = self.param("class_in", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                              (width, heads, r), jnp.float32)
+        out_init = lambda key, shape, dtype=jnp.float32: self.kernel_init(key, (heads * r, d), dtype).reshape(shape)
+        class_out = self.param("class_out", out_init, (heads, r, d), jnp.float32)
+        shared = h @ kernel
+        low = (h @ class_in.reshape(width, heads * r)).reshape(h.shape[0], heads, r)
+        if k is None:
+            k_real = self.num_classes
+            return shared[:, None] + jnp.einsum("bkr,krd->bkd", low[:, :k_real], class_out[:k_real]) + bias[:k_real]
+        picked = select_class(k, self.num_classes, low)  # [B, r], NaN for a class out of range
+        one_hot = jax.nn.one_hot(k, heads, dtype=h.dtype)
+        # the class's V as a dense product over the one-hot spread of its r features (no gather)
+        spread = (one_hot[:, :, None] * picked[:, None, :]).reshape(h.shape[0], heads * r)
+        return shared + spread @ class_out.reshape(heads * r, d) + one_hot @ bias
