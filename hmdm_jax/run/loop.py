@@ -414,7 +414,7 @@ class _Snapshots:
         message = (f"step {cand.step}: the step-{snap.step} snapshot against the last state, held-out {criterion} "
                    f"{getattr(kept, criterion):.3f} vs {getattr(last, criterion):.3f} nats per frame (paired z = "
                    f"{z:.1f}, {self.config.restarts.snapshot_z:g} needed)")
-        self.log({"snapshot_choice": record}, message + (": the candidate is its step-" f"{snap.step} state"
+        self.log({"snapshot_choice": record}, message + (f": the candidate is its step-{snap.step} state"
                                                           if record["kept"] else ": the last state is kept"))
         if not record["kept"]:
             return cand, last
