@@ -424,7 +424,10 @@ def test_presets_final_estimator_and_observed_batch_fraction():
     assert hm.restarts.snapshot_every == 0  # snapshots kept undertrained networks (RESULTS.md, stop 35)
     assert hm.band.temperature_every == mix.band.temperature_every == 0  # measured, not adopted (stop 35)
     many = presets.preset("cpu-small", "hmdm", 10, (28, 28, 1), num_sequences=2000, length=30)
-    assert many.restarts.methods == ("kmeans", "kmeans", "ghmm")  # 60k frames: too many for Ward
+    assert many.restarts.methods == ("umap", "kmeans", "ghmm")  # 60k frames: too many for Ward
+    # the main job's 200 sequences of 30 frames start one candidate from UMAP; 20 of 30 are too few for it
+    assert presets.preset("cpu-small", "hmdm", 10, (8, 8, 1), num_sequences=200, length=30).restarts.methods[0] == "umap"
+    assert presets.preset("cpu-small", "hmdm", 10, (8, 8, 1), num_sequences=20, length=30).restarts.methods[0] == "kmeans"
     hm.check()
     with pytest.raises(ValueError, match="final_estimator must be None or one of"):
         rc.EvalConfig(final_estimator="elbow")
