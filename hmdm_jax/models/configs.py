@@ -57,7 +57,7 @@ class ModelConfig:
         shared features.
       head_rank: MLP with ``"multi_head"``: 0, a full ``[width, D]`` head per class; r > 0, one shared output
         projection plus a rank-r class term per class, ``h W + (h U_k) V_k + b_k``. A full head computes all
-        K + 1 heads to train one class, which at D = 784 doubles the single-class step (benchmarks/README.md);
+        K + 1 heads to train one class, which dominates the single-class step at large D (benchmarks/README.md);
         the rank-r term costs ``(K + 1)·r·(width + D)`` per frame.
     """
 

@@ -126,7 +126,7 @@ def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopStat
         scoring = config.with_decisions(loop.decisions).em
         grid = np.asarray(em.TEMPERATURE_GRID)
         configured = config.em.temperature.final
-        near = int(np.argmin(np.abs(np.log(grid / configured))))
+        near = _nearest(grid, configured)
         if band_config.temperature_every:
             temperature, fits, sequences = chain_temperature(ctx, loop, scoring, jax.random.fold_in(key, 2))
             how = (f"the chain adds {fits.max():.3f} nats per frame to {sequences} training sequences scored with the "
@@ -144,13 +144,18 @@ def choose_scoring(ctx: RunContext, loop: LoopState, prev_step: int) -> LoopStat
     return loop
 
 
+def _nearest(grid: np.ndarray, value: float) -> int:
+    """The index of the grid temperature nearest ``value`` on a log scale."""
+    return int(np.argmin(np.abs(np.log(grid / value))))
+
+
 def _rechoose_temperature(ctx: RunContext, loop: LoopState) -> LoopState:
     scoring = ctx.config.with_decisions(loop.decisions).em
     key = jax.random.fold_in(jax.random.fold_in(ctx.streams.heuristics, loop.step), 2)
     temperature, fits, sequences = chain_temperature(ctx, loop, scoring, key)
     before = float(loop.decisions["temperature"])
     grid = np.asarray(em.TEMPERATURE_GRID)
-    at_before = float(fits[int(np.argmin(np.abs(np.log(grid / before))))])
+    at_before = float(fits[_nearest(grid, before)])
     loop.decisions = {**loop.decisions, "temperature": temperature}
     ctx.log({"temperature": temperature, "temperature_fit": [float(f) for f in fits]},
             f"step {loop.step}: temperature {temperature:.3g} (was {before:.3g}): the chain adds {fits.max():.3f} "

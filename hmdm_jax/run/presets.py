@@ -100,7 +100,7 @@ def _hmdm_restarts(data: dict) -> RestartConfig:
     """Three whole runs from a UMAP embedding's clusters (k-means where the frames are too few for its
     neighbour graph), Ward's clusters (k-means where they are too many for Ward) and the Gaussian HMM's
     Viterbi path: starts that fail in different ways, so the choice is a real one. On the dense random chain
-    only the UMAP start reached a basin above 0.97, and the chain share chose it (RESULTS.md, stop 35)."""
+    only the UMAP start reached the states' basin on one seed, and the chain share chose it (RESULTS.md, stop 35)."""
     frames = data.get("num_sequences", 0) * data.get("length", 0)
     first = "umap" if frames >= MIN_UMAP_FRAMES else "kmeans"
     second = "ward" if frames <= warm_start.MAX_WARD_FRAMES else "kmeans"
